@@ -1,0 +1,455 @@
+"""MovieLens data: download, parse, tokenize, split by time and serve next-movie windows.
+
+Tokens: users are numbered 0..U-1 in the order of their MovieLens ids. Movies are numbered
+0..M-1 in the order of their MovieLens ids (every movie of the movies file, rated or not), then
+SOS = M and EOS = M + 1, so the vocabulary holds M + 2 tokens (ML-1M: 3,883 + 2 = 3,885).
+
+Order: each user's ratings are ordered by (timestamp, line in the ratings file), a stable order:
+ratings given in the same second keep the order of the file.
+
+Positions: user u's sequence is [SOS, m_0, ..., m_{n-1}, EOS]. A sample is (u, p): its target is
+the token at position p (1 <= p <= n + 1), its input the `sequence_length` tokens before p,
+left-padded with SOS, and its history the p - 1 movies before the target.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+ARCHIVES = {
+    "ml-1m": ("https://files.grouplens.org/datasets/movielens/ml-1m.zip",
+              "c4d9eecfca2ab87c1945afe126590906"),
+    "ml-100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip",
+                "0e33842e24a9c977be4e0107933c0723"),
+}
+FILES = {"ml-1m": ("users.dat", "movies.dat", "ratings.dat"),
+         "ml-100k": ("u.user", "u.item", "u.data")}
+SPLITS = ("leave_one_out", "random_windows")
+SUBSETS = ("train", "validation", "test")
+SOS_RATING, EOS_RATING = 0, 3  # the post's ratings for the SOS and EOS positions
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western")
+
+
+class MovieLensFormatError(ValueError):
+    """A MovieLens file does not hold what its format says; the message names file and line."""
+
+
+# ----------------------------------------------------------------------------- download
+
+def download_movielens(name: str, root: str | Path) -> Path:
+    """Download and unpack a MovieLens archive into root/name unless its files are there."""
+    if name not in ARCHIVES:
+        raise ValueError(f"unknown MovieLens data set {name!r}; known: {sorted(ARCHIVES)}")
+    root = Path(root)
+    target = root / name
+    if all((target / f).is_file() for f in FILES[name]):
+        return target
+    url, md5 = ARCHIVES[name]
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
+        archive = Path(tmp) / f"{name}.zip"
+        try:
+            _fetch(url, archive)
+        except (urllib.error.URLError, OSError) as e:
+            raise RuntimeError(f"could not download {url} ({e}); download it by hand and unpack "
+                               f"it so that {target}/ holds {', '.join(FILES[name])}") from e
+        digest = hashlib.md5(archive.read_bytes()).hexdigest()
+        if digest != md5:
+            raise RuntimeError(f"{url}: checksum {digest} differs from GroupLens' {md5}")
+        _safe_extract(archive, Path(tmp) / "out")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(Path(tmp) / "out" / name, target)
+    return target
+
+
+def _fetch(url: str, dest: Path) -> None:
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {url.rsplit('/', 1)[-1]}") as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def _safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a zip, refusing members whose path would land outside dest."""
+    dest = dest.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.namelist():
+            path = (dest / member).resolve()
+            if path != dest and dest not in path.parents:
+                raise RuntimeError(f"{archive}: member {member!r} escapes {dest}")
+        zf.extractall(dest)
+
+
+def detect_format(data_dir: str | Path) -> str:
+    """'ml-1m' or 'ml-100k', recognised by the files in data_dir."""
+    data_dir = Path(data_dir)
+    for name, files in FILES.items():
+        if all((data_dir / f).is_file() for f in files):
+            return name
+    raise FileNotFoundError(f"{data_dir} holds neither ML-1M ({', '.join(FILES['ml-1m'])}) "
+                            f"nor ML-100K ({', '.join(FILES['ml-100k'])})")
+
+
+def ensure_movielens(data_dir: str | Path) -> Path:
+    """data_dir if it holds MovieLens files, else download the set its folder name names."""
+    data_dir = Path(data_dir)
+    try:
+        detect_format(data_dir)
+        return data_dir
+    except FileNotFoundError:
+        if data_dir.name not in ARCHIVES:
+            raise
+    return download_movielens(data_dir.name, data_dir.parent)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _split_lines(path: Path, sep: str, n_fields: int, int_fields: tuple[int, ...],
+                 encoding: str = "ISO-8859-1") -> list[list]:
+    """Parse a small delimited file line by line, with errors that name file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding=encoding).splitlines(), 1):
+        fields = line.split(sep)
+        if len(fields) != n_fields:
+            raise MovieLensFormatError(f"{path}, line {number}: expected {n_fields} fields "
+                                       f"separated by {sep!r}, found {len(fields)}")
+        for i in int_fields:
+            try:
+                fields[i] = int(fields[i])
+            except ValueError:
+                raise MovieLensFormatError(f"{path}, line {number}: field {i + 1} "
+                                           f"{fields[i]!r} is not an integer") from None
+        rows.append(fields)
+    return rows
+
+
+def read_ratings(path: str | Path, sep: str) -> pd.DataFrame:
+    """Read a ratings file (user, movie, rating, timestamp) with the C parser.
+
+    `sep` is '::' (ML-1M) or '\\t' (ML-100K). Any malformed line is located by a
+    line-by-line scan so that the error names it.
+    """
+    path = Path(path)
+    names = ["user_id", "movie_id", "rating", "timestamp"]
+    try:
+        if sep == "::":  # split on ':' and keep every other column: the C parser takes one char
+            frame = pd.read_csv(path, sep=":", header=None, engine="c", skip_blank_lines=False)
+            if frame.shape[1] != 7 or frame[[1, 3, 5]].notna().to_numpy().any():
+                raise ValueError
+            frame = frame[[0, 2, 4, 6]]
+        else:
+            frame = pd.read_csv(path, sep=sep, header=None, engine="c", skip_blank_lines=False)
+            if frame.shape[1] != 4:
+                raise ValueError
+        frame.columns = names
+        if not all(pd.api.types.is_integer_dtype(frame[c]) for c in names):
+            raise ValueError
+        frame = frame.astype(np.int64)
+    except (ValueError, pd.errors.ParserError, TypeError):
+        _split_lines(path, sep, 4, (0, 1, 2, 3))  # raises with the line's number
+        raise MovieLensFormatError(f"{path}: could not be parsed as {sep!r}-separated ratings")
+    except pd.errors.EmptyDataError:
+        frame = pd.DataFrame({n: np.zeros(0, np.int64) for n in names})
+    bad = np.flatnonzero((frame.rating < 1) | (frame.rating > 5))
+    if len(bad):
+        raise MovieLensFormatError(f"{path}, line {bad[0] + 1}: rating {frame.rating.iat[bad[0]]} "
+                                   "is outside 1..5")
+    return frame
+
+
+def read_movielens(data_dir: str | Path) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(name, users, movies, ratings) from an ML-1M or ML-100K folder, ratings in file order."""
+    data_dir = Path(data_dir)
+    name = detect_format(data_dir)
+    if name == "ml-1m":
+        users = _split_lines(data_dir / "users.dat", "::", 5, (0,))
+        movies = [(m, t, g) for m, t, g in _split_lines(data_dir / "movies.dat", "::", 3, (0,))]
+        ratings = read_ratings(data_dir / "ratings.dat", "::")
+    else:
+        users = _split_lines(data_dir / "u.user", "|", 5, (0,))
+        movies = [(row[0], row[1], "|".join(g for g, flag in zip(ML100K_GENRES, row[5:]) if flag == "1"))
+                  for row in _split_lines(data_dir / "u.item", "|", 24, (0,))]
+        ratings = read_ratings(data_dir / "u.data", "\t")
+    users = pd.DataFrame({"user_id": [row[0] for row in users]})
+    movies = pd.DataFrame(movies, columns=["movie_id", "title", "genres"])
+    ratings_file = data_dir / FILES[name][2]
+    for frame, key, file in ((users, "user_id", FILES[name][0]), (movies, "movie_id", FILES[name][1])):
+        duplicated = frame[key].duplicated().to_numpy()
+        if duplicated.any():
+            raise MovieLensFormatError(f"{data_dir / file}, line {np.argmax(duplicated) + 1}: "
+                                       f"{key} {frame[key].iat[np.argmax(duplicated)]} repeats")
+        unknown = ~ratings[key].isin(frame[key]).to_numpy()
+        if unknown.any():
+            line = int(np.argmax(unknown))
+            raise MovieLensFormatError(f"{ratings_file}, line {line + 1}: {key} "
+                                       f"{ratings[key].iat[line]} is not in {data_dir / file}")
+    return name, users, movies, ratings
+
+
+# ----------------------------------------------------------------------------- tokens and order
+
+@dataclass
+class DatasetMetadata:
+    """Token <-> MovieLens id <-> title/genres maps; saved in every checkpoint."""
+
+    name: str
+    movie_ids: list[int]   # MovieLens movie id of each movie token
+    titles: list[str]
+    genres: list[str]
+    user_ids: list[int]    # MovieLens user id of each user token
+
+    @property
+    def num_movies(self) -> int:
+        return len(self.movie_ids)
+
+    @property
+    def sos(self) -> int:
+        return self.num_movies
+
+    @property
+    def eos(self) -> int:
+        return self.num_movies + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_movies + 2
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetMetadata":
+        return cls(**d)
+
+
+@dataclass
+class MovieLensData:
+    """All ratings in tokens, ordered by (user, timestamp, line), in one flat sequence layout.
+
+    `sequence` holds [SOS, m_0 .. m_{n-1}, EOS] for each user back to back; user u's SOS sits at
+    `offsets[u]`, its n = `lengths[u]` movies follow. `sequence_ratings` mirrors it.
+    """
+
+    metadata: DatasetMetadata
+    sequence: torch.Tensor          # int64 [sum(n_u + 2)]
+    sequence_ratings: torch.Tensor  # int64 [sum(n_u + 2)]
+    offsets: torch.Tensor           # int64 [U]
+    lengths: torch.Tensor           # int64 [U]
+
+    @property
+    def num_ratings(self) -> int:
+        return int(self.lengths.sum())
+
+
+def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
+             ratings: pd.DataFrame) -> MovieLensData:
+    """Map ids to dense tokens and lay out each user's ratings in time order."""
+    user_ids = np.sort(users.user_id.to_numpy())
+    movie_order = np.argsort(movies.movie_id.to_numpy(), kind="stable")
+    movie_ids = movies.movie_id.to_numpy()[movie_order]
+    metadata = DatasetMetadata(name, movie_ids.tolist(), movies.title.to_numpy()[movie_order].tolist(),
+                               movies.genres.to_numpy()[movie_order].tolist(), user_ids.tolist())
+    user = np.searchsorted(user_ids, ratings.user_id.to_numpy())
+    movie = np.searchsorted(movie_ids, ratings.movie_id.to_numpy())
+    order = np.lexsort((ratings.timestamp.to_numpy(), user))  # stable: ties keep file order
+    user, movie, rating = user[order], movie[order], ratings.rating.to_numpy()[order]
+    lengths = np.bincount(user, minlength=len(user_ids))
+    offsets = np.concatenate(([0], np.cumsum(lengths + 2)[:-1]))
+    sequence = np.full(int((lengths + 2).sum()), metadata.sos, dtype=np.int64)
+    sequence[offsets + lengths + 1] = metadata.eos
+    sequence_ratings = np.full(len(sequence), SOS_RATING, dtype=np.int64)
+    sequence_ratings[offsets + lengths + 1] = EOS_RATING
+    rank = np.arange(len(user)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    slots = offsets[user] + 1 + rank
+    sequence[slots] = movie
+    sequence_ratings[slots] = rating
+    return MovieLensData(metadata, *(torch.from_numpy(a) for a in (sequence, sequence_ratings, offsets, lengths)))
+
+
+def load_movielens(data_dir: str | Path) -> MovieLensData:
+    """Read and tokenize the MovieLens folder data_dir."""
+    return tokenize(*read_movielens(data_dir))
+
+
+# ----------------------------------------------------------------------------- splits
+
+def _regular_positions(users: np.ndarray, first: np.ndarray, last: np.ndarray,
+                       step: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (user, p) with p = first, first + step, ... <= last, per user, without a Python loop."""
+    counts = np.maximum((last - first) // step + 1, 0)
+    user = np.repeat(users, counts)
+    k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return user, np.repeat(first, counts) + k * step
+
+
+def split_positions(data: MovieLensData, split: str, subset: str, sequence_length: int,
+                    window_size: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The (user, target position) pairs of one subset of a split.
+
+    leave_one_out: per user with at least 3 ratings the last is the test target, the one
+    before the validation target; training windows target only earlier ratings (users with
+    fewer ratings are training-only). random_windows: the post's split, a seeded random 10% of
+    all windows (EOS targets included in training) is validation, and test is validation; it
+    leaks the future into training.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    n = data.lengths.numpy()
+    users = np.arange(len(n))
+    if split == "leave_one_out":
+        held_out = n >= 3
+        if subset != "train":
+            p = n - (subset == "validation")
+            return users[held_out], p[held_out]
+        last = np.where(held_out, n - 2, n)
+        return _regular_positions(users, np.full_like(n, sequence_length), last, window_size)
+    user, p = _regular_positions(users, np.full_like(n, sequence_length), n + 1, window_size)
+    in_train = np.random.default_rng(seed).random(len(user)) < 0.9
+    if subset == "train":
+        return user[in_train], p[in_train]
+    keep = ~in_train & (p <= n[user])  # evaluation targets are movies, never EOS
+    return user[keep], p[keep]
+
+
+# ----------------------------------------------------------------------------- datasets
+
+class Batch(NamedTuple):
+    movie_ids: torch.Tensor      # [B, L] input window
+    ratings: torch.Tensor        # [B, L]
+    user_ids: torch.Tensor       # [B]
+    next_movie: torch.Tensor     # [B] target
+    next_rating: torch.Tensor    # [B]
+    history_length: torch.Tensor  # [B] movies the user rated before the target
+
+
+class MovieLensSequenceDataset(Dataset):
+    """Next-movie windows of one subset, all held as tensors.
+
+    Items are `(movie_ids, ratings, user_id, next_movie, next_rating)` as in the post, so
+    `DataLoader` code works; `batches()` is the fast path: shuffled index slices of tensors that
+    may already sit on the training device.
+    """
+
+    def __init__(self, data: MovieLensData | str | Path, subset: str = "train",
+                 sequence_length: int = 5, window_size: int = 1,
+                 split: str = "leave_one_out", seed: int = 0):
+        if not isinstance(data, MovieLensData):
+            data = load_movielens(data)
+        if sequence_length < 1 or window_size < 1:
+            raise ValueError("sequence_length and window_size must be at least 1")
+        self.data, self.subset, self.split = data, subset, split
+        self.metadata = data.metadata
+        self.sequence_length, self.window_size, self.seed = sequence_length, window_size, seed
+        user, position = split_positions(data, split, subset, sequence_length, window_size, seed)
+        user, position = torch.from_numpy(user), torch.from_numpy(position)
+        start = data.offsets[user]
+        window = position[:, None] - sequence_length + torch.arange(sequence_length)
+        index = start[:, None] + window.clamp(min=0)  # before SOS: pad with SOS
+        self.movie_ids = data.sequence[index]
+        self.ratings = data.sequence_ratings[index]
+        self.user_ids = user
+        self.next_movie = data.sequence[start + position]
+        self.next_rating = data.sequence_ratings[start + position]
+        self.history_length = position - 1
+
+    def __len__(self) -> int:
+        return len(self.next_movie)
+
+    def __getitem__(self, i: int):
+        return (self.movie_ids[i], self.ratings[i], self.user_ids[i], self.next_movie[i],
+                self.next_rating[i])
+
+    @property
+    def device(self) -> torch.device:
+        return self.movie_ids.device
+
+    def to(self, device: str | torch.device) -> "MovieLensSequenceDataset":
+        """Move every tensor (the shared sequence layout too) to device, in place."""
+        for key in ("movie_ids", "ratings", "user_ids", "next_movie", "next_rating", "history_length"):
+            setattr(self, key, getattr(self, key).to(device))
+        self._sequence = self.data.sequence.to(device)
+        self._offsets = self.data.offsets.to(device)
+        return self
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        return Batch(self.movie_ids[index], self.ratings[index], self.user_ids[index],
+                     self.next_movie[index], self.next_rating[index], self.history_length[index])
+
+    def batches(self, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """Batches as index slices; shuffled with `generator` when asked."""
+        n = len(self)
+        order = (torch.randperm(n, generator=generator).to(self.device) if shuffle
+                 else torch.arange(n, device=self.device))
+        for start in range(0, n, batch_size):
+            yield self.batch(order[start:start + batch_size])
+
+    def seen_mask(self, batch: Batch, exclude: str = "history") -> torch.Tensor:
+        """Bool [B, vocab]: movies to drop from the ranking, plus SOS and EOS.
+
+        exclude='history' drops every movie the user rated before the target (the honest
+        protocol); 'window' drops only the input window's movies (the post's behaviour).
+        """
+        b = len(batch.user_ids)
+        mask = torch.zeros(b, self.metadata.vocab_size, dtype=torch.bool, device=self.device)
+        mask[:, [self.metadata.sos, self.metadata.eos]] = True
+        if exclude == "window":
+            mask[torch.arange(b, device=self.device)[:, None], batch.movie_ids] = True
+            return mask
+        if exclude != "history":
+            raise ValueError(f"exclude must be 'history' or 'window', got {exclude!r}")
+        sequence = getattr(self, "_sequence", self.data.sequence)
+        offsets = getattr(self, "_offsets", self.data.offsets)
+        counts = batch.history_length
+        rows = torch.repeat_interleave(torch.arange(b, device=self.device), counts)
+        rank = torch.arange(len(rows), device=self.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)
+        mask[rows, sequence[offsets[batch.user_ids][rows] + 1 + rank]] = True
+        return mask
+
+    def training_popularity(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(count, mean rating) per token over this split's training interactions.
+
+        leave_one_out: every rating before each user's validation target. random_windows: every
+        rating that is not a validation target.
+        """
+        d, vocab = self.data, self.metadata.vocab_size
+        users = np.arange(len(d.lengths))
+        n = d.lengths.numpy()
+        held = np.concatenate([d.offsets.numpy()[u] + p for u, p in (
+            split_positions(d, self.split, subset, self.sequence_length, self.window_size, self.seed)
+            for subset in ("validation", "test"))])
+        user, p = _regular_positions(users, np.ones_like(n), n, 1)
+        keep = ~np.isin(d.offsets.numpy()[user] + p, held)
+        slots = torch.from_numpy(d.offsets.numpy()[user[keep]] + p[keep])
+        movies, ratings = d.sequence[slots], d.sequence_ratings[slots].double()
+        count = torch.bincount(movies, minlength=vocab).double()
+        total = torch.bincount(movies, weights=ratings, minlength=vocab)
+        return count, total / count.clamp(min=1)
+

@@ -1,0 +1,163 @@
+"""Evaluate a checkpoint against popularity baselines: python eval.py --checkpoint PATH
+
+Every scorer ranks all movies for each target with the movies the user rated before it removed
+(`--exclude window` removes only the input window, as the post did). One target per user and
+split, so MAP@K equals MRR@K and Recall@K equals HR@K; Precision@K is HR@K / K.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from data import Batch, MovieLensSequenceDataset
+
+Scorer = Callable[[Batch], torch.Tensor]
+METRICS = ("hr", "ndcg", "mrr", "map", "precision", "recall")
+
+
+def model_scorer(model: torch.nn.Module) -> Scorer:
+    return lambda batch: model(batch.movie_ids, batch.user_ids).float()
+
+
+def constant_scorer(scores: torch.Tensor) -> Scorer:
+    """The same score vector for every target (a popularity baseline)."""
+    return lambda batch: scores.to(batch.user_ids.device).expand(len(batch.user_ids), -1)
+
+
+def popularity_baselines(train_set: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
+    """Token-space score vectors from training interactions only.
+
+    most-rated: the number of training ratings. top-rated-popular: the post's baseline, the
+    highest mean rating among the 5% most-rated movies, those first, the rest by count.
+    """
+    count, mean_rating = train_set.training_popularity()
+    top = count >= torch.quantile(count[count > 0], 0.95)
+    top_rated = torch.where(top, 10.0 + mean_rating, count / count.max())
+    return {"most-rated": count.float(), "top-rated-popular": top_rated.float()}
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among the non-excluded tokens.
+
+    Ties are broken by token index, so equal scores (popularity counts) are ranked as a stable
+    sort would rank them, not in the target's favour.
+    """
+    scores = scores.masked_fill(excluded, float("-inf"))
+    target_score = scores.gather(1, targets[:, None])
+    index = torch.arange(scores.shape[1], device=scores.device)
+    ahead = (scores > target_score) | ((scores == target_score) & (index < targets[:, None]))
+    rank = ahead.sum(1)
+    # a target the exclusion removed (a repeat of a seen movie) counts as a miss
+    return torch.where(excluded.gather(1, targets[:, None])[:, 0], scores.shape[1], rank)
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    """HR, NDCG, MRR, MAP, Precision and Recall at each K for one target per row, plus full MRR."""
+    ranks = ranks.double()
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        hr = hit.double().mean().item()
+        rr = torch.where(hit, 1.0 / (ranks + 1), 0.0).mean().item()
+        out.update({f"hr@{k}": hr, f"ndcg@{k}": torch.where(hit, 1.0 / torch.log2(ranks + 2), 0.0).mean().item(),
+                    f"mrr@{k}": rr, f"map@{k}": rr, f"precision@{k}": hr / k, f"recall@{k}": hr})
+    out["mrr"] = (1.0 / (ranks + 1)).mean().item()
+    return out
+
+
+@torch.inference_mode()
+def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "history",
+             batch_size: int = 1024, top: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Ranks of every target in dataset, and the top-`top` tokens per target when top > 0."""
+    ranks, tops = [], []
+    for batch in dataset.batches(batch_size):
+        excluded = dataset.seen_mask(batch, exclude)
+        scores = scorer(batch)
+        ranks.append(target_ranks(scores, batch.next_movie, excluded))
+        if top:
+            tops.append(scores.masked_fill(excluded, float("-inf")).topk(top, dim=1).indices)
+    return torch.cat(ranks).cpu(), (torch.cat(tops).cpu() if top else None)
+
+
+def evaluate(scorer: Scorer, dataset: MovieLensSequenceDataset, ks: tuple[int, ...] = (3, 5, 10),
+             exclude: str = "history", batch_size: int = 1024) -> dict[str, float]:
+    ranks, _ = rank_all(scorer, dataset, exclude, batch_size)
+    return metrics_from_ranks(ranks, ks)
+
+
+def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...]) -> str:
+    columns = [f"{m}@{k}" for k in ks for m in METRICS] + ["mrr"]
+    lines = ["| scorer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def save_predictions(path: Path, dataset: MovieLensSequenceDataset, top: torch.Tensor) -> None:
+    """user_id,rank,item_id in MovieLens ids, rank 1 first."""
+    meta = dataset.metadata
+    users = dataset.user_ids.cpu().tolist()
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user_id", "rank", "item_id"])
+        for user, row in zip(users, top.tolist()):
+            writer.writerows((meta.user_ids[user], r, meta.movie_ids[t]) for r, t in enumerate(row, 1))
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
+    from model_train import load_checkpoint, make_datasets, model_from_checkpoint, pick_device
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--split", choices=("test", "validation"), default="test")
+    parser.add_argument("--k", type=int, nargs="+", default=[3, 5, 10])
+    parser.add_argument("--exclude", choices=("history", "window"), default="history",
+                        help="history: every movie rated before the target (default); "
+                             "window: only the input window, as the post did")
+    parser.add_argument("--data-dir", help="MovieLens folder (default: the checkpoint's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--save-predictions", type=Path, metavar="CSV")
+    args = parser.parse_args(argv)
+
+    model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    if args.data_dir:
+        config.trainer_config.data_dir = args.data_dir
+    datasets = make_datasets(config)
+    if datasets["train"].metadata != metadata:
+        raise ValueError(f"{config.trainer_config.data_dir} is not the data set "
+                         f"{args.checkpoint} was trained on")
+    device = pick_device(args.device)
+    model.to(device)
+    dataset = datasets[args.split].to(device)
+    ks = tuple(sorted(args.k))
+    scorers = {"model": model_scorer(model)}
+    scorers.update({name: constant_scorer(s) for name, s in popularity_baselines(datasets["train"]).items()})
+    results = {}
+    for name, scorer in scorers.items():
+        top = max(ks) if (name == "model" and args.save_predictions) else 0
+        ranks, tops = rank_all(scorer, dataset, args.exclude, args.batch_size, top)
+        results[name] = metrics_from_ranks(ranks, ks)
+        if tops is not None:
+            save_predictions(args.save_predictions, dataset, tops)
+    split = config.trainer_config.split
+    print(f"{metadata.name}, split {split} ({args.split}, {len(dataset):,} targets), "
+          f"exclude {args.exclude}, ranking over all {metadata.num_movies:,} movies")
+    print(markdown_table(results, ks))
+    print("One target per user: MAP@K equals MRR@K and Recall@K equals HR@K.")
+    if split == "random_windows":
+        print("random_windows is the post's split: its training windows overlap the future, so "
+              "these numbers are leaky.")
+    out = args.checkpoint.parent / f"eval_{args.split}_{args.exclude}.json"
+    out.write_text(json.dumps({"split": split, "subset": args.split, "exclude": args.exclude,
+                               "targets": len(dataset), "results": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

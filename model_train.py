@@ -1,0 +1,253 @@
+"""Train the MovieLens Transformer: python model_train.py [--config PATH] [--set a.b=value ...]
+
+Reads the YAML config, downloads MovieLens when data_dir lacks it, trains with cross-entropy and
+Adam, and after every epoch logs training and validation loss (validation targets, never the
+training set), every `eval_every` epochs validation HR/NDCG/MRR@10 with everything the user saw
+excluded, to loguru, tqdm and TensorBoard. Checkpoints best.pt (by validation NDCG@10) and last.pt
+land atomically in model_dir/<run>; training stops early after `patience` evaluations without a
+better NDCG@10.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import dacite
+import torch
+import torch.nn.functional as F
+import yaml
+from loguru import logger
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from data import DatasetMetadata, MovieLensSequenceDataset, ensure_movielens, load_movielens
+from eval import evaluate, model_scorer
+from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig
+
+DEFAULT_CONFIG = Path(__file__).with_name("training_config.yaml")
+
+
+@dataclass
+class TrainerConfig:
+    data_dir: str = "data/ml-1m"
+    split: str = "leave_one_out"         # or random_windows: the post's leaky split
+    window_size: int = 1                 # stride between training windows
+    batch_size: int = 512
+    eval_batch_size: int = 1024
+    learning_rate: float = 1e-3
+    num_epochs: int = 1000               # upper bound; early stopping usually ends sooner
+    patience: Optional[int] = 5          # evaluations without a better NDCG@10; null: never stop
+    eval_every: int = 1                  # epochs between validation HR/NDCG/MRR@10
+    log_every: int = 100                 # steps between training-loss log points
+    device: str = "auto"                 # auto: cuda, then mps, then cpu
+    seed: int = 42
+    tensorboard_dir: str = "runs"
+    model_dir: str = "models"
+    run_name: Optional[str] = None       # default: a time stamp
+
+
+@dataclass
+class Config:
+    model_config: MovieLensTransformerConfig = field(default_factory=MovieLensTransformerConfig)
+    trainer_config: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def config_from_dict(raw: dict, source: str) -> Config:
+    """Strict dacite conversion: an unknown or mistyped key is an error that names it."""
+    try:
+        return dacite.from_dict(Config, raw, config=dacite.Config(strict=True))
+    except dacite.DaciteError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Set raw['a']['b'] from 'a.b=value', the value parsed as YAML."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set {assignment!r}: expected section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {assignment!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> Config:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return config_from_dict(raw, str(path))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer_config.device is {name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside path, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_model(config: Config, metadata: DatasetMetadata) -> MovieLensTransformer:
+    """The model for this data: vocabulary and user count come from the data set."""
+    config.model_config.transformer_config.vocab_size = metadata.vocab_size
+    config.model_config.num_users = metadata.num_users
+    return MovieLensTransformer(config.model_config)
+
+
+def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Config, DatasetMetadata]:
+    config = config_from_dict(checkpoint["config"], "checkpoint config")
+    metadata = DatasetMetadata.from_dict(checkpoint["metadata"])
+    model = build_model(config, metadata)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), config, metadata
+
+
+def make_datasets(config: Config, data=None) -> dict[str, MovieLensSequenceDataset]:
+    """train, validation and test subsets of the configured split, sharing one parsed data set."""
+    tc = config.trainer_config
+    data = data or load_movielens(ensure_movielens(tc.data_dir))
+    length = config.model_config.transformer_config.context_window_size
+    return {subset: MovieLensSequenceDataset(data, subset, length, tc.window_size, tc.split, tc.seed)
+            for subset in ("train", "validation", "test")}
+
+
+def train_epoch(model, optimizer, dataset, tc: TrainerConfig, generator: torch.Generator,
+                writer: SummaryWriter, epoch: int) -> tuple[float, float]:
+    """One pass over the shuffled training windows: (mean loss, samples per second)."""
+    model.train()
+    total = torch.zeros((), device=dataset.device)
+    steps = math.ceil(len(dataset) / tc.batch_size)
+    start = time.perf_counter()
+    bar = tqdm(dataset.batches(tc.batch_size, shuffle=True, generator=generator), total=steps,
+               desc=f"epoch {epoch}", leave=False)
+    for step, batch in enumerate(bar):
+        loss = F.cross_entropy(model(batch.movie_ids, batch.user_ids), batch.next_movie)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(batch.next_movie)
+        if (step + 1) % tc.log_every == 0:  # the only host sync inside the epoch
+            value = loss.item()
+            bar.set_postfix(loss=f"{value:.4f}")
+            writer.add_scalar("loss/train_step", value, (epoch - 1) * steps + step + 1)
+    mean = total.item() / len(dataset)
+    return mean, len(dataset) / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def validation_loss(model, dataset, batch_size: int) -> float:
+    model.eval()
+    total = torch.zeros((), device=dataset.device)
+    for batch in dataset.batches(batch_size):
+        logits = model(batch.movie_ids, batch.user_ids)
+        total += F.cross_entropy(logits, batch.next_movie, reduction="sum")
+    return total.item() / max(len(dataset), 1)
+
+
+def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
+    """Train as configured (or continue the run in `resume`); returns the run folder."""
+    tc = config.trainer_config
+    torch.manual_seed(tc.seed)
+    device = pick_device(tc.device)
+    datasets = make_datasets(config, data)
+    metadata = datasets["train"].metadata
+    train_set, val_set = datasets["train"].to(device), datasets["validation"].to(device)
+    model = build_model(config, metadata).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate,
+                                 foreach=device.type != "cpu" or None)
+    generator = torch.Generator().manual_seed(tc.seed)
+    state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
+    if resume:
+        checkpoint = load_checkpoint(resume / "last.pt")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        generator.set_state(checkpoint["generator"])
+        torch.set_rng_state(checkpoint["rng"])
+        state = checkpoint["state"]
+        run = resume
+        tc.run_name = run.name
+    else:
+        tc.run_name = tc.run_name or time.strftime("%Y%m%d-%H%M%S")
+        run = Path(tc.model_dir) / tc.run_name
+        run.mkdir(parents=True, exist_ok=False)
+    (run / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    writer = SummaryWriter(str(Path(tc.tensorboard_dir) / tc.run_name))
+    logger.info(f"run {tc.run_name} on {device}: {len(train_set):,} training windows, "
+                f"{len(val_set):,} validation targets, "
+                f"{sum(p.numel() for p in model.parameters()):,} parameters")
+
+    for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
+        train_loss, samples_per_s = train_epoch(model, optimizer, train_set, tc, generator, writer, epoch)
+        val_loss = validation_loss(model, val_set, tc.eval_batch_size)
+        scalars = {"loss/train": train_loss, "loss/validation": val_loss,
+                   "lr": optimizer.param_groups[0]["lr"], "throughput/samples_per_s": samples_per_s}
+        improved = False
+        if epoch % tc.eval_every == 0 or epoch == tc.num_epochs:
+            metrics = evaluate(model_scorer(model), val_set, ks=(10,), batch_size=tc.eval_batch_size)
+            scalars.update({f"metrics/validation/{k}": metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
+            improved = metrics["ndcg@10"] > state["best_ndcg"]
+            state["best_ndcg"] = max(state["best_ndcg"], metrics["ndcg@10"])
+            state["stale"] = 0 if improved else state["stale"] + 1
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, epoch)
+        writer.flush()
+        logger.info(f"epoch {epoch}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()))
+        state["epoch"] = epoch
+        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "state": dict(state), "config": asdict(config),
+                      "metadata": metadata.to_dict(), "generator": generator.get_state(),
+                      "rng": torch.get_rng_state()}
+        save_atomic(checkpoint, run / "last.pt")
+        if improved:
+            save_atomic(checkpoint, run / "best.pt")
+        if tc.patience is not None and state["stale"] >= tc.patience:
+            logger.info(f"no better validation NDCG@10 for {tc.patience} evaluations: stopping")
+            break
+    writer.close()
+    logger.info(f"best validation NDCG@10 {state['best_ndcg']:.4f}; checkpoints in {run}")
+    return run
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--resume", type=Path, help="run folder whose last.pt to continue")
+    args = parser.parse_args(argv)
+    if args.resume:
+        raw = load_checkpoint(args.resume / "last.pt")["config"]
+        for assignment in args.overrides:
+            apply_override(raw, assignment)
+        config = config_from_dict(raw, f"{args.resume / 'last.pt'}")
+    else:
+        config = load_config(args.config, args.overrides)
+    return train(config, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""A synthetic MovieLens data set with sequential signal, written in the original formats."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def synthetic_ratings(num_users: int = 300, num_movies: int = 200, seed: int = 0,
+                      min_len: int = 12, max_len: int = 40) -> list[tuple[int, int, int, int]]:
+    """(user_id, movie_id, rating, timestamp) rows in a shuffled file order.
+
+    Movie ids are sparse (7, 10, 13, ...) so tokens never equal ids. Each user walks a cycle of
+    movies: the next movie is the one after the current with probability 0.8, so a sequence
+    model can beat popularity. Some ratings of a user share a timestamp.
+    """
+    rng = np.random.default_rng(seed)
+    movie_ids = 7 + 3 * np.arange(num_movies)
+    rows = []
+    for u in range(num_users):
+        n = min(int(rng.integers(min_len, max_len + 1)), num_movies)
+        current = int(rng.integers(num_movies))
+        seen, walk = set(), []
+        while len(walk) < n:
+            if current not in seen:
+                seen.add(current)
+                walk.append(current)
+            current = (current + 1) % num_movies if rng.random() < 0.8 else int(rng.integers(num_movies))
+        times = 978_300_000 + np.cumsum(rng.integers(0, 3, size=n))  # 0 gaps: same-second ties
+        for m, t in zip(walk, times):
+            rows.append((u + 1, int(movie_ids[m]), int(rng.integers(1, 6)), int(t)))
+    order = rng.permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def write_ml1m(folder: Path, rows=None, num_users: int = 300, num_movies: int = 200) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = synthetic_ratings(num_users, num_movies) if rows is None else rows
+    genres = ["Action", "Comedy", "Drama", "Sci-Fi"]
+    (folder / "users.dat").write_text("".join(f"{u + 1}::M::25::{u % 20}::0{u:04d}\n"
+                                              for u in range(num_users)), encoding="ISO-8859-1")
+    (folder / "movies.dat").write_text("".join(
+        f"{7 + 3 * m}::Movie {m}: Caf\u00e9 ({1950 + m % 50})::{genres[m % 4]}|{genres[(m + 1) % 4]}\n"
+        for m in range(num_movies)), encoding="ISO-8859-1")
+    (folder / "ratings.dat").write_text("".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in rows))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ml1m_dir(tmp_path_factory) -> Path:
+    return write_ml1m(tmp_path_factory.mktemp("data") / "ml-1m")
