@@ -28,6 +28,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import pandas as pd
 import torch
+from loguru import logger
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -256,7 +257,7 @@ class MovieLensData:
 
     metadata: DatasetMetadata
     sequence: torch.Tensor          # int64 [sum(n_u + 2)]
-    sequence_ratings: torch.Tensor  # int64 [sum(n_u + 2)]
+    sequence_ratings: torch.Tensor  # int8 [sum(n_u + 2)]
     offsets: torch.Tensor           # int64 [U]
     lengths: torch.Tensor           # int64 [U]
 
@@ -281,7 +282,7 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
     offsets = np.concatenate(([0], np.cumsum(lengths + 2)[:-1]))
     sequence = np.full(int((lengths + 2).sum()), metadata.sos, dtype=np.int64)
     sequence[offsets + lengths + 1] = metadata.eos
-    sequence_ratings = np.full(len(sequence), SOS_RATING, dtype=np.int64)
+    sequence_ratings = np.full(len(sequence), SOS_RATING, dtype=np.int8)
     sequence_ratings[offsets + lengths + 1] = EOS_RATING
     rank = np.arange(len(user)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     slots = offsets[user] + 1 + rank
@@ -290,9 +291,43 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
     return MovieLensData(metadata, *(torch.from_numpy(a) for a in (sequence, sequence_ratings, offsets, lengths)))
 
 
-def load_movielens(data_dir: str | Path) -> MovieLensData:
-    """Read and tokenize the MovieLens folder data_dir."""
-    return tokenize(*read_movielens(data_dir))
+CACHE_NAME = ".movielens_cache.pt"
+CACHE_VERSION = 1
+
+
+def _cache_key(data_dir: Path) -> dict:
+    """What the cache depends on: the format version and each raw file's size and mtime."""
+    files = FILES[detect_format(data_dir)]
+    return {"version": CACHE_VERSION,
+            "files": [[f, (data_dir / f).stat().st_size, (data_dir / f).stat().st_mtime_ns] for f in files]}
+
+
+def load_movielens(data_dir: str | Path, cache: bool = True) -> MovieLensData:
+    """Read and tokenize the MovieLens folder data_dir.
+
+    With `cache`, the tokenized data is kept beside the raw files in .movielens_cache.pt, used
+    while the raw files keep their size and mtime and rebuilt when they change.
+    """
+    data_dir = Path(data_dir)
+    key = _cache_key(data_dir)
+    path = data_dir / CACHE_NAME
+    if cache and path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["key"] == key:
+                return MovieLensData(DatasetMetadata.from_dict(saved["metadata"]), *saved["tensors"])
+        except Exception as e:  # a broken cache is rebuilt, never trusted
+            logger.warning(f"ignoring unreadable cache {path}: {e}")
+    data = tokenize(*read_movielens(data_dir))
+    if cache:
+        try:
+            tmp = path.with_name(f"{CACHE_NAME}.{os.getpid()}.tmp")
+            torch.save({"key": key, "metadata": data.metadata.to_dict(),
+                        "tensors": [data.sequence, data.sequence_ratings, data.offsets, data.lengths]}, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            logger.warning(f"could not write the cache {path}: {e}")
+    return data
 
 
 # ----------------------------------------------------------------------------- splits
@@ -367,16 +402,14 @@ class MovieLensSequenceDataset(Dataset):
         self.metadata = data.metadata
         self.sequence_length, self.window_size, self.seed = sequence_length, window_size, seed
         user, position = split_positions(data, split, subset, sequence_length, window_size, seed)
-        user, position = torch.from_numpy(user), torch.from_numpy(position)
-        start = data.offsets[user]
-        window = position[:, None] - sequence_length + torch.arange(sequence_length)
-        index = start[:, None] + window.clamp(min=0)  # before SOS: pad with SOS
-        self.movie_ids = data.sequence[index]
-        self.ratings = data.sequence_ratings[index]
-        self.user_ids = user
+        start = data.offsets.numpy()[user]
+        index = start[:, None] + np.maximum(position[:, None] - sequence_length + np.arange(sequence_length), 0)
+        self.movie_ids = torch.from_numpy(data.sequence.numpy()[index])  # before SOS: SOS pads
+        self.ratings = torch.from_numpy(data.sequence_ratings.numpy()[index])
+        self.user_ids = torch.from_numpy(user)
         self.next_movie = data.sequence[start + position]
         self.next_rating = data.sequence_ratings[start + position]
-        self.history_length = position - 1
+        self.history_length = torch.from_numpy(position - 1)
 
     def __len__(self) -> int:
         return len(self.next_movie)

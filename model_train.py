@@ -35,6 +35,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("training_config.yaml")
 @dataclass
 class TrainerConfig:
     data_dir: str = "data/ml-1m"
+    cache: bool = True                   # keep the tokenized data beside the raw files
     split: str = "leave_one_out"         # or random_windows: the post's leaky split
     window_size: int = 1                 # stride between training windows
     batch_size: int = 512
@@ -45,6 +46,8 @@ class TrainerConfig:
     eval_every: int = 1                  # epochs between validation HR/NDCG/MRR@10
     log_every: int = 100                 # steps between training-loss log points
     device: str = "auto"                 # auto: cuda, then mps, then cpu
+    bf16: Optional[bool] = None          # bf16 autocast; null: on for CUDA
+    compile: Optional[bool] = None       # torch.compile; null: on for CUDA
     seed: int = 42
     tensorboard_dir: str = "runs"
     model_dir: str = "models"
@@ -129,14 +132,30 @@ def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Confi
 def make_datasets(config: Config, data=None) -> dict[str, MovieLensSequenceDataset]:
     """train, validation and test subsets of the configured split, sharing one parsed data set."""
     tc = config.trainer_config
-    data = data or load_movielens(ensure_movielens(tc.data_dir))
+    data = data or load_movielens(ensure_movielens(tc.data_dir), cache=tc.cache)
     length = config.model_config.transformer_config.context_window_size
     return {subset: MovieLensSequenceDataset(data, subset, length, tc.window_size, tc.split, tc.seed)
             for subset in ("train", "validation", "test")}
 
 
+def make_optimizer(model: torch.nn.Module, tc: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam, fused into one kernel per step on CUDA and CPU."""
+    return torch.optim.Adam(model.parameters(), lr=tc.learning_rate,
+                            fused=device.type in ("cuda", "cpu"))
+
+
+def train_step(model, optimizer, batch, bf16: bool = False) -> torch.Tensor:
+    """One optimisation step on a batch; returns the loss without a host sync."""
+    with torch.autocast(batch.movie_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(model(batch.movie_ids, batch.user_ids), batch.next_movie)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_epoch(model, optimizer, dataset, tc: TrainerConfig, generator: torch.Generator,
-                writer: SummaryWriter, epoch: int) -> tuple[float, float]:
+                writer: SummaryWriter, epoch: int, bf16: bool) -> tuple[float, float]:
     """One pass over the shuffled training windows: (mean loss, samples per second)."""
     model.train()
     total = torch.zeros((), device=dataset.device)
@@ -145,11 +164,8 @@ def train_epoch(model, optimizer, dataset, tc: TrainerConfig, generator: torch.G
     bar = tqdm(dataset.batches(tc.batch_size, shuffle=True, generator=generator), total=steps,
                desc=f"epoch {epoch}", leave=False)
     for step, batch in enumerate(bar):
-        loss = F.cross_entropy(model(batch.movie_ids, batch.user_ids), batch.next_movie)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach() * len(batch.next_movie)
+        loss = train_step(model, optimizer, batch, bf16)
+        total += loss * len(batch.next_movie)
         if (step + 1) % tc.log_every == 0:  # the only host sync inside the epoch
             value = loss.item()
             bar.set_postfix(loss=f"{value:.4f}")
@@ -177,8 +193,10 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
     metadata = datasets["train"].metadata
     train_set, val_set = datasets["train"].to(device), datasets["validation"].to(device)
     model = build_model(config, metadata).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate,
-                                 foreach=device.type != "cpu" or None)
+    optimizer = make_optimizer(model, tc, device)
+    bf16 = device.type == "cuda" if tc.bf16 is None else tc.bf16
+    use_compile = device.type == "cuda" if tc.compile is None else tc.compile
+    step_model = torch.compile(model) if use_compile else model  # shares model's parameters
     generator = torch.Generator().manual_seed(tc.seed)
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
     if resume:
@@ -201,13 +219,14 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
                 f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
     for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
-        train_loss, samples_per_s = train_epoch(model, optimizer, train_set, tc, generator, writer, epoch)
-        val_loss = validation_loss(model, val_set, tc.eval_batch_size)
+        train_loss, samples_per_s = train_epoch(step_model, optimizer, train_set, tc, generator, writer,
+                                                 epoch, bf16)
+        val_loss = validation_loss(step_model, val_set, tc.eval_batch_size)
         scalars = {"loss/train": train_loss, "loss/validation": val_loss,
                    "lr": optimizer.param_groups[0]["lr"], "throughput/samples_per_s": samples_per_s}
         improved = False
         if epoch % tc.eval_every == 0 or epoch == tc.num_epochs:
-            metrics = evaluate(model_scorer(model), val_set, ks=(10,), batch_size=tc.eval_batch_size)
+            metrics = evaluate(model_scorer(step_model), val_set, ks=(10,), batch_size=tc.eval_batch_size)
             scalars.update({f"metrics/validation/{k}": metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
             improved = metrics["ndcg@10"] > state["best_ndcg"]
             state["best_ndcg"] = max(state["best_ndcg"], metrics["ndcg@10"])

@@ -89,6 +89,22 @@ def test_bad_movies_file_names_line(tmp_path):
         data.read_movielens(folder)
 
 
+def test_cache_is_used_while_valid_and_rebuilt_when_stale(tmp_path, monkeypatch):
+    folder = write_ml1m(tmp_path / "ml-1m", num_users=20, num_movies=30)
+    first = data.load_movielens(folder)
+    assert (folder / data.CACHE_NAME).is_file()
+    read = data.read_movielens
+    monkeypatch.setattr(data, "read_movielens", lambda d: pytest.fail("cache not used"))
+    cached = data.load_movielens(folder)
+    assert cached.metadata == first.metadata and torch.equal(cached.sequence, first.sequence)
+    with open(folder / "ratings.dat", "a") as f:
+        f.write("1::7::5::2000000000\n")
+    monkeypatch.setattr(data, "read_movielens", read)
+    assert data.load_movielens(folder).num_ratings == first.num_ratings + 1
+    (folder / data.CACHE_NAME).write_bytes(b"garbage")
+    assert data.load_movielens(folder).num_ratings == first.num_ratings + 1
+
+
 def test_unknown_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither ML-1M"):
         data.load_movielens(tmp_path)

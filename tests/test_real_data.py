@@ -13,6 +13,7 @@ ML100K = SHARED_DATA / "ml-100k"
 def test_model_beats_most_rated_on_ml100k(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = model_train.load_config(overrides=[f"trainer_config.data_dir={ML100K}",
+                                                "trainer_config.cache=false",
                                                 "trainer_config.num_epochs=3",
                                                 "trainer_config.run_name=ml100k"])
     run = model_train.train(config)
