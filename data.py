@@ -266,6 +266,15 @@ class MovieLensData:
         return int(self.lengths.sum())
 
 
+def _dense_tokens(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The index of each value in sorted_ids (every value is known to be there)."""
+    if len(sorted_ids) == 0 or sorted_ids[0] < 0 or sorted_ids[-1] > 16 * len(sorted_ids) + 1024:
+        return np.searchsorted(sorted_ids, values)
+    table = np.zeros(sorted_ids[-1] + 1, dtype=np.int64)
+    table[sorted_ids] = np.arange(len(sorted_ids))
+    return table[values]
+
+
 def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
              ratings: pd.DataFrame) -> MovieLensData:
     """Map ids to dense tokens and lay out each user's ratings in time order."""
@@ -274,9 +283,11 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
     movie_ids = movies.movie_id.to_numpy()[movie_order]
     metadata = DatasetMetadata(name, movie_ids.tolist(), movies.title.to_numpy()[movie_order].tolist(),
                                movies.genres.to_numpy()[movie_order].tolist(), user_ids.tolist())
-    user = np.searchsorted(user_ids, ratings.user_id.to_numpy())
-    movie = np.searchsorted(movie_ids, ratings.movie_id.to_numpy())
-    order = np.lexsort((ratings.timestamp.to_numpy(), user))  # stable: ties keep file order
+    user = _dense_tokens(user_ids, ratings.user_id.to_numpy())
+    movie = _dense_tokens(movie_ids, ratings.movie_id.to_numpy())
+    timestamp = ratings.timestamp.to_numpy()
+    key = (user.astype(np.int64) << 32) | (timestamp - timestamp.min(initial=0))
+    order = np.argsort(key, kind="stable")  # stable: ties keep file order
     user, movie, rating = user[order], movie[order], ratings.rating.to_numpy()[order]
     lengths = np.bincount(user, minlength=len(user_ids))
     offsets = np.concatenate(([0], np.cumsum(lengths + 2)[:-1]))
@@ -284,8 +295,7 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
     sequence[offsets + lengths + 1] = metadata.eos
     sequence_ratings = np.full(len(sequence), SOS_RATING, dtype=np.int8)
     sequence_ratings[offsets + lengths + 1] = EOS_RATING
-    rank = np.arange(len(user)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    slots = offsets[user] + 1 + rank
+    slots = np.arange(len(user)) + 2 * user + 1  # the i-th rating of the sorted order
     sequence[slots] = movie
     sequence_ratings[slots] = rating
     return MovieLensData(metadata, *(torch.from_numpy(a) for a in (sequence, sequence_ratings, offsets, lengths)))

@@ -1,0 +1,266 @@
+"""Time the repo's pipeline against a post-style pipeline built from the same classes, in one run.
+
+    python benchmarks/bench.py --data-dir ../shared/data/ml-1m [--device cpu|cuda] [--json OUT]
+
+Stages: loading (read + tokenize + order + split + windows; cold and from the cache), training
+throughput of the default (post's) model at batch 512, full-ranking leave-one-out evaluation with
+history excluded, and the peak memory of a training process. The post-style path uses pandas'
+python-engine read, per-user Python window building, a DataLoader over __getitem__, and a per-row
+filtering loop in evaluation. Ratios are the claims: absolute times vary with the machine's load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import FILES, MovieLensSequenceDataset, detect_format, load_movielens, tokenize  # noqa: E402
+from eval import model_scorer, rank_all, target_ranks  # noqa: E402
+from model_train import Config, build_model, pick_device, train_step  # noqa: E402
+
+BATCH = 512
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_fast(data_dir: Path, cache: bool) -> dict[str, MovieLensSequenceDataset]:
+    data = load_movielens(data_dir, cache=cache)
+    return {s: MovieLensSequenceDataset(data, s) for s in ("train", "validation", "test")}
+
+
+def load_post_style(data_dir: Path, sequence_length: int = 5) -> tuple[torch.Tensor, ...]:
+    """The post's read-and-build: python-engine reads, per-user lists, iterrows + unfold."""
+    if detect_format(data_dir) != "ml-1m":
+        raise SystemExit("the post-style loader reads ML-1M's '::' files only")
+    read = lambda f, names: pd.read_csv(data_dir / f, sep="::", engine="python", header=None,
+                                        names=names, encoding="ISO-8859-1")
+    users = read("users.dat", ["user_id", "sex", "age", "occupation", "zip"])
+    movies = read("movies.dat", ["movie_id", "title", "genres"])
+    ratings = read("ratings.dat", ["user_id", "movie_id", "rating", "timestamp"])
+    meta = tokenize("ml-1m", users, movies, ratings.iloc[:0]).metadata
+    user_token = {u: i for i, u in enumerate(meta.user_ids)}
+    movie_token = {m: i for i, m in enumerate(meta.movie_ids)}
+    ratings["u"] = ratings.user_id.map(user_token)
+    ratings["m"] = ratings.movie_id.map(movie_token)
+    ordered = ratings.sort_values("timestamp").groupby("u")[["m", "rating"]].agg(list).reset_index()
+    xs, ys, us = [], [], []
+    for _, row in ordered.iterrows():
+        seq = torch.tensor([meta.sos, *row.m, meta.eos])
+        windows = seq.unfold(0, sequence_length, 1)
+        xs.append(windows[:-1])
+        ys.append(windows[1:, -1])
+        us.extend([row.u] * (len(windows) - 1))
+    x, y, u = torch.cat(xs), torch.cat(ys), torch.tensor(us)
+    keep = torch.rand(len(x), generator=torch.Generator().manual_seed(0)) <= 0.9
+    return x[keep], y[keep], u[keep]
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_fast(model, optimizer, dataset, steps: int, device: torch.device) -> float:
+    """Samples/s of the repo's path: shuffled index slices of tensors already on the device."""
+    generator = torch.Generator().manual_seed(0)
+    batches = dataset.batches(BATCH, shuffle=True, generator=generator)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, next(batches))
+    sync(device)
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def train_post_style(model, optimizer, dataset, steps: int, device: torch.device) -> float:
+    """Samples/s of the post's path: a DataLoader collating single samples, copied per step."""
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True))
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        movie_ids, _, users, next_movie, _ = next(loader)
+        logits = model(movie_ids.to(device), users.to(device))
+        loss = F.cross_entropy(logits, next_movie.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the post logged every step
+    sync(device)
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def eval_fast(model, dataset) -> float:
+    start = time.perf_counter()
+    rank_all(model_scorer(model), dataset, batch_size=1024)
+    return len(dataset) / (time.perf_counter() - start)
+
+
+def history_of(dataset, row_user: int, history_length: int) -> torch.Tensor:
+    first = int(dataset.data.offsets[row_user]) + 1
+    return dataset.data.sequence[first:first + history_length]
+
+
+def drop_seen_per_row(top: torch.Tensor, batch, dataset, k: int) -> list[torch.Tensor]:
+    """The post's de-duplication loop: per row, unique-with-counts of top list and history."""
+    kept = []
+    for row in range(len(top)):
+        seen = history_of(dataset, int(batch.user_ids[row]), int(batch.history_length[row]))
+        merged, counts = torch.cat((top[row], seen)).unique(return_counts=True)
+        kept.append(top[row][torch.isin(top[row], merged[counts > 1], invert=True)][:k])
+    return kept
+
+
+@torch.inference_mode()
+def eval_post_style(model, dataset, k: int = 10) -> float:
+    """Users/s of the post's evaluation shape: model in batches, then a loop per row."""
+    start = time.perf_counter()
+    for batch in dataset.batches(512):
+        logits = model(batch.movie_ids, batch.user_ids).float()
+        top = logits.topk(k + int(batch.history_length.max()) + 2, dim=1).indices.cpu()
+        for row, kept in enumerate(drop_seen_per_row(top, batch, dataset, k)):
+            int((kept == batch.next_movie[row].cpu()).any())
+    return len(dataset) / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def ranking_stage(model, dataset, k: int = 10) -> tuple[float, float]:
+    """Users/s of exclusion + ranking alone, on the same precomputed scores: (repo, per-row loop)."""
+    batches = list(dataset.batches(1024))
+    scores = [model(b.movie_ids, b.user_ids).float() for b in batches]
+    start = time.perf_counter()
+    for batch, s in zip(batches, scores):
+        target_ranks(s, batch.next_movie, dataset.seen_mask(batch))
+    fast = len(dataset) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for batch, s in zip(batches, scores):
+        top = s.topk(k + int(batch.history_length.max()) + 2, dim=1).indices.cpu()
+        drop_seen_per_row(top, batch, dataset, k)
+    return fast, len(dataset) / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def memory_probe(data_dir: Path, style: str, device: torch.device, steps: int) -> float:
+    """Peak RSS (MB) of a process that loads ML-1M and trains `steps` steps one way."""
+    torch.manual_seed(0)
+    if style == "post":
+        x, y, u = load_post_style(data_dir)
+        dataset = torch.utils.data.TensorDataset(x, x, u, y, y)
+        data = load_movielens(data_dir, cache=False)
+        meta = data.metadata
+    else:
+        dataset = load_fast(data_dir, cache=True)["train"].to(device)
+        meta = dataset.metadata
+    model = build_model(Config(), meta).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if style == "post":
+        train_post_style(model, optimizer, dataset, steps, device)
+    else:
+        train_fast(model, optimizer, dataset, steps, device)
+    return peak_rss_of_this_process()
+
+
+def peak_rss_of_this_process() -> float:
+    """VmHWM in MB: unlike ru_maxrss it is not inherited from the parent across fork+exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: kB on Linux, bytes on macOS
+
+
+def peak_rss(data_dir: Path, style: str, device: str, steps: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--data-dir", str(data_dir), "--device", device,
+                          "--memory-probe", style, "--train-steps", str(steps)],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--memory-probe", choices=("fast", "post"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    if args.memory_probe:
+        print(memory_probe(args.data_dir, args.memory_probe, device, args.train_steps))
+        return
+    torch.manual_seed(0)
+
+    ours, ref = {}, {}
+    ours["load_s"] = median_time(lambda: load_fast(args.data_dir, cache=False), args.repeats)
+    ours["load_cached_s"] = median_time(lambda: load_fast(args.data_dir, cache=True), args.repeats)
+    ref["load_s"] = median_time(lambda: load_post_style(args.data_dir), max(1, args.repeats - 1), warmup=0)
+    ref["load_cached_s"] = ref["load_s"]  # the post has no cache
+
+    datasets = load_fast(args.data_dir, cache=True)
+    train_set = datasets["train"].to(device)
+    cpu_train = datasets["train"] if device.type == "cpu" else load_fast(args.data_dir, True)["train"]
+    for style, result, fn, data in (("fast", ours, train_fast, train_set),
+                                    ("post", ref, train_post_style, cpu_train)):
+        torch.manual_seed(0)
+        model = build_model(Config(), train_set.metadata).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        fn(model, optimizer, data, 10, device)  # warm-up
+        rates = [fn(model, optimizer, data, args.train_steps, device) for _ in range(args.repeats)]
+        result["train_samples_per_s"] = statistics.median(rates)
+        result["train_epoch_s"] = len(train_set) / result["train_samples_per_s"]
+
+    test_set = datasets["test"].to(device)
+    model.eval()
+    ours["eval_users_per_s"] = statistics.median(eval_fast(model, test_set) for _ in range(args.repeats))
+    ref["eval_users_per_s"] = eval_post_style(model, test_set)
+    stages = [ranking_stage(model, test_set) for _ in range(args.repeats)]
+    ours["rank_users_per_s"] = statistics.median(s[0] for s in stages)
+    ref["rank_users_per_s"] = statistics.median(s[1] for s in stages)
+
+    ours["peak_rss_mb"] = peak_rss(args.data_dir, "fast", args.device, args.train_steps)
+    ref["peak_rss_mb"] = peak_rss(args.data_dir, "post", args.device, args.train_steps)
+
+    lower_is_better = {"load_s", "load_cached_s", "train_epoch_s", "peak_rss_mb"}
+    ratios = {k: (ref[k] / ours[k] if k in lower_is_better else ours[k] / ref[k]) for k in ours}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    print(f"{args.data_dir} on {name}; ratio = how many times better than the post-style path")
+    print("| stage | repo | post-style | ratio |\n|---|---|---|---|")
+    for key in ours:
+        print(f"| {key} | {ours[key]:,.3f} | {ref[key]:,.3f} | {ratios[key]:.1f}x |")
+    if args.json:
+        args.json.write_text(json.dumps({**ours, "device": name, "reference": ref, "ratios": ratios},
+                                        indent=2))
+
+
+if __name__ == "__main__":
+    main()
