@@ -393,6 +393,13 @@ class Batch(NamedTuple):
     history_length: torch.Tensor  # [B] movies the user rated before the target
 
 
+def window_padding(batch: Batch) -> torch.Tensor:
+    """Bool [B, L]: True where a window position lies before the user's SOS (left padding)."""
+    length = batch.movie_ids.shape[1]
+    real = (batch.history_length + 1).clamp(max=length)  # the movies before the target, and SOS
+    return torch.arange(length, device=real.device)[None, :] < (length - real)[:, None]
+
+
 class MovieLensSequenceDataset(Dataset):
     """Next-movie windows of one subset, all held as tensors.
 
@@ -477,7 +484,8 @@ class MovieLensSequenceDataset(Dataset):
         return mask
 
     def training_popularity(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(count, mean rating) per token over this split's training interactions.
+        """(count, mean rating) per token over this split's training interactions, whichever
+        subset this is.
 
         leave_one_out: every rating before each user's validation target. random_windows: every
         rating that is not a validation target.
@@ -496,3 +504,70 @@ class MovieLensSequenceDataset(Dataset):
         total = torch.bincount(movies, weights=ratings, minlength=vocab)
         return count, total / count.clamp(min=1)
 
+
+
+class ChunkBatch(NamedTuple):
+    movie_ids: torch.Tensor     # [B, C] inputs, left-padded
+    user_ids: torch.Tensor      # [B]
+    targets: torch.Tensor       # [B, C] the movie after each input position
+    loss_mask: torch.Tensor     # [B, C] positions whose target this chunk trains on
+    padding_mask: torch.Tensor  # [B, C] positions before the user's SOS
+
+
+class SequenceChunks:
+    """Training data of the `sequence` mode: each user's training history as chunks of at most
+    `context` inputs, trained to predict the next movie at every position.
+
+    Histories longer than the context are cut into chunks whose boundaries are drawn afresh
+    each epoch; every training target is trained on exactly once per epoch, each with the full
+    context before it. Only leave_one_out training targets are used: a user's validation and
+    test targets are never inputs or targets here.
+    """
+
+    def __init__(self, data: MovieLensData, context: int, split: str = "leave_one_out"):
+        if split != "leave_one_out":
+            raise ValueError("the sequence mode trains on the leave_one_out split only")
+        self.data, self.metadata, self.context = data, data.metadata, context
+        n = data.lengths.numpy()
+        self.last_target = np.where(n >= 3, n - 2, n)  # last training target position per user
+        self.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        """Training targets per epoch."""
+        return int(self.last_target.sum())
+
+    def to(self, device: str | torch.device) -> "SequenceChunks":
+        self.device = torch.device(device)
+        return self
+
+    def chunks(self, generator: torch.Generator) -> ChunkBatch:
+        """All chunks of one epoch, with boundaries drawn from generator."""
+        c, last = self.context, self.last_target
+        users = np.flatnonzero(last >= 1)
+        last = last[users]
+        shift = torch.randint(1, c + 1, (len(users),), generator=generator).numpy()
+        counts = 1 + np.maximum(-(-(last - shift) // c), 0)  # newest chunk, then full ones
+        user = np.repeat(users, counts)
+        k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        newest_end = np.repeat(last, counts)
+        end = np.where(k == 0, newest_end, newest_end - np.repeat(shift, counts) - (k - 1) * c)
+        lower = np.where(k == 0, end - np.repeat(shift, counts), end - c)  # covers (lower, end]
+        position = end[:, None] - c + 1 + np.arange(c)  # target positions
+        start = self.data.offsets.numpy()[user][:, None]
+        sequence = self.data.sequence.numpy()
+        tensors = (sequence[start + np.maximum(position - 1, 0)], user,
+                   sequence[start + np.maximum(position, 0)],
+                   (position > lower[:, None]) & (position >= 1), position - 1 < 0)
+        return ChunkBatch(*(torch.from_numpy(t).to(self.device) for t in tensors))
+
+    def batches(self, batch_size: int, shuffle: bool = True,
+                generator: torch.Generator | None = None) -> Iterator[ChunkBatch]:
+        """Batches of `batch_size` chunks, freshly cut and shuffled each call."""
+        generator = generator or torch.Generator().manual_seed(0)
+        chunks = self.chunks(generator)
+        n = len(chunks.user_ids)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            yield ChunkBatch(*(t[index] for t in chunks))

@@ -14,13 +14,16 @@ from typing import Callable, Optional
 
 import torch
 
-from data import Batch, MovieLensSequenceDataset
+from data import Batch, MovieLensSequenceDataset, window_padding
 
 Scorer = Callable[[Batch], torch.Tensor]
 METRICS = ("hr", "ndcg", "mrr", "map", "precision", "recall")
 
 
 def model_scorer(model: torch.nn.Module) -> Scorer:
+    """The model's logits; a sequence-mode model also gets the windows' padding mask."""
+    if model.config.mode == "sequence":
+        return lambda batch: model(batch.movie_ids, batch.user_ids, window_padding(batch)).float()
     return lambda batch: model(batch.movie_ids, batch.user_ids).float()
 
 
@@ -29,13 +32,14 @@ def constant_scorer(scores: torch.Tensor) -> Scorer:
     return lambda batch: scores.to(batch.user_ids.device).expand(len(batch.user_ids), -1)
 
 
-def popularity_baselines(train_set: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
-    """Token-space score vectors from training interactions only.
+def popularity_baselines(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
+    """Token-space score vectors from the split's training interactions only (any subset of
+    the split may be passed).
 
     most-rated: the number of training ratings. top-rated-popular: the post's baseline, the
     highest mean rating among the 5% most-rated movies, those first, the rest by count.
     """
-    count, mean_rating = train_set.training_popularity()
+    count, mean_rating = dataset.training_popularity()
     top = count >= torch.quantile(count[count > 0], 0.95)
     top_rated = torch.where(top, 10.0 + mean_rating, count / count.max())
     return {"most-rated": count.float(), "top-rated-popular": top_rated.float()}
@@ -137,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     dataset = datasets[args.split].to(device)
     ks = tuple(sorted(args.k))
     scorers = {"model": model_scorer(model)}
-    scorers.update({name: constant_scorer(s) for name, s in popularity_baselines(datasets["train"]).items()})
+    scorers.update({name: constant_scorer(s) for name, s in popularity_baselines(dataset).items()})
     results = {}
     for name, scorer in scorers.items():
         top = max(ks) if (name == "model" and args.save_predictions) else 0

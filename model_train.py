@@ -25,11 +25,13 @@ from loguru import logger
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data import DatasetMetadata, MovieLensSequenceDataset, ensure_movielens, load_movielens
+from data import (ChunkBatch, DatasetMetadata, MovieLensSequenceDataset, SequenceChunks, ensure_movielens,
+                  load_movielens)
 from eval import evaluate, model_scorer
 from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig
 
-DEFAULT_CONFIG = Path(__file__).with_name("training_config.yaml")
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "training_config.yaml"
 
 
 @dataclass
@@ -41,6 +43,13 @@ class TrainerConfig:
     batch_size: int = 512
     eval_batch_size: int = 1024
     learning_rate: float = 1e-3
+    optimizer: str = "adam"              # or adamw (decoupled weight decay)
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"        # or cosine: decay to min_lr_ratio x lr by num_epochs
+    warmup_steps: int = 0                # linear warm-up from 0
+    min_lr_ratio: float = 0.1
+    grad_clip: Optional[float] = None    # max global gradient norm; null: no clipping
+    label_smoothing: float = 0.0
     num_epochs: int = 1000               # upper bound; early stopping usually ends sooner
     patience: Optional[int] = 5          # evaluations without a better NDCG@10; null: never stop
     eval_every: int = 1                  # epochs between validation HR/NDCG/MRR@10
@@ -129,49 +138,90 @@ def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Confi
     return model.eval(), config, metadata
 
 
-def make_datasets(config: Config, data=None) -> dict[str, MovieLensSequenceDataset]:
-    """train, validation and test subsets of the configured split, sharing one parsed data set."""
-    tc = config.trainer_config
+def make_datasets(config: Config, data=None) -> dict:
+    """train, validation and test subsets of the configured split, sharing one parsed data set.
+
+    In the sequence mode, train is SequenceChunks and validation/test windows span the context.
+    """
+    tc, mc = config.trainer_config, config.model_config
     data = data or load_movielens(ensure_movielens(tc.data_dir), cache=tc.cache)
-    length = config.model_config.transformer_config.context_window_size
-    return {subset: MovieLensSequenceDataset(data, subset, length, tc.window_size, tc.split, tc.seed)
-            for subset in ("train", "validation", "test")}
+    length = mc.transformer_config.context_window_size
+    datasets = {subset: MovieLensSequenceDataset(data, subset, length, tc.window_size, tc.split, tc.seed)
+                for subset in ("validation", "test")}
+    datasets["train"] = (SequenceChunks(data, length, tc.split) if mc.mode == "sequence" else
+                         MovieLensSequenceDataset(data, "train", length, tc.window_size, tc.split, tc.seed))
+    return datasets
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Adam, fused into one kernel per step on CUDA and CPU."""
-    return torch.optim.Adam(model.parameters(), lr=tc.learning_rate,
-                            fused=device.type in ("cuda", "cpu"))
+    """Adam or AdamW, fused into one kernel per step on CUDA and CPU."""
+    if tc.optimizer not in ("adam", "adamw"):
+        raise ValueError(f"trainer_config.optimizer must be adam or adamw, got {tc.optimizer!r}")
+    kind = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    return kind(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay,
+                fused=device.type in ("cuda", "cpu"))
 
 
-def train_step(model, optimizer, batch, bf16: bool = False) -> torch.Tensor:
-    """One optimisation step on a batch; returns the loss without a host sync."""
+def make_schedule(optimizer, tc: TrainerConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine decay over num_epochs."""
+    if tc.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"trainer_config.lr_schedule must be constant or cosine, got {tc.lr_schedule!r}")
+    total = max(tc.num_epochs * steps_per_epoch - tc.warmup_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < tc.warmup_steps:
+            return (step + 1) / tc.warmup_steps
+        if tc.lr_schedule == "constant":
+            return 1.0
+        progress = min((step - tc.warmup_steps) / total, 1.0)
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def batch_loss(model, batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, number of targets) of a window Batch or a sequence ChunkBatch."""
+    if isinstance(batch, ChunkBatch):
+        logits = model.sequence_logits(batch.movie_ids, batch.user_ids, batch.padding_mask, batch.loss_mask)
+        targets = batch.targets[batch.loss_mask]
+    else:
+        logits, targets = model(batch.movie_ids, batch.user_ids), batch.next_movie
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing), targets.new_tensor(len(targets))
+
+
+def train_step(model, optimizer, batch, bf16: bool = False, tc: Optional[TrainerConfig] = None,
+               schedule=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns (loss, targets) without a host sync."""
     with torch.autocast(batch.movie_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = F.cross_entropy(model(batch.movie_ids, batch.user_ids), batch.next_movie)
+        loss, count = batch_loss(model, batch, tc.label_smoothing if tc else 0.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if tc and tc.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     optimizer.step()
-    return loss.detach()
+    if schedule:
+        schedule.step()
+    return loss.detach(), count
 
 
-def train_epoch(model, optimizer, dataset, tc: TrainerConfig, generator: torch.Generator,
+def train_epoch(model, optimizer, schedule, dataset, tc: TrainerConfig, generator: torch.Generator,
                 writer: SummaryWriter, epoch: int, bf16: bool) -> tuple[float, float]:
-    """One pass over the shuffled training windows: (mean loss, samples per second)."""
+    """One pass over the shuffled training data: (mean loss per target, targets per second)."""
     model.train()
     total = torch.zeros((), device=dataset.device)
-    steps = math.ceil(len(dataset) / tc.batch_size)
+    targets = torch.zeros((), dtype=torch.long, device=dataset.device)
     start = time.perf_counter()
-    bar = tqdm(dataset.batches(tc.batch_size, shuffle=True, generator=generator), total=steps,
+    bar = tqdm(dataset.batches(tc.batch_size, shuffle=True, generator=generator),
                desc=f"epoch {epoch}", leave=False)
     for step, batch in enumerate(bar):
-        loss = train_step(model, optimizer, batch, bf16)
-        total += loss * len(batch.next_movie)
+        loss, count = train_step(model, optimizer, batch, bf16, tc, schedule)
+        total += loss * count
+        targets += count
         if (step + 1) % tc.log_every == 0:  # the only host sync inside the epoch
             value = loss.item()
             bar.set_postfix(loss=f"{value:.4f}")
-            writer.add_scalar("loss/train_step", value, (epoch - 1) * steps + step + 1)
-    mean = total.item() / len(dataset)
-    return mean, len(dataset) / (time.perf_counter() - start)
+            writer.add_scalar("loss/train_step", value, schedule.last_epoch)
+    n = targets.item()
+    return total.item() / max(n, 1), n / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
@@ -179,7 +229,7 @@ def validation_loss(model, dataset, batch_size: int) -> float:
     model.eval()
     total = torch.zeros((), device=dataset.device)
     for batch in dataset.batches(batch_size):
-        logits = model(batch.movie_ids, batch.user_ids)
+        logits = model_scorer(model)(batch)
         total += F.cross_entropy(logits, batch.next_movie, reduction="sum")
     return total.item() / max(len(dataset), 1)
 
@@ -194,6 +244,9 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
     train_set, val_set = datasets["train"].to(device), datasets["validation"].to(device)
     model = build_model(config, metadata).to(device)
     optimizer = make_optimizer(model, tc, device)
+    steps_per_epoch = math.ceil(len(train_set) / tc.batch_size) if config.model_config.mode == "window" \
+        else math.ceil((metadata.num_users + len(train_set) / train_set.context) / tc.batch_size)
+    schedule = make_schedule(optimizer, tc, steps_per_epoch)
     bf16 = device.type == "cuda" if tc.bf16 is None else tc.bf16
     use_compile = device.type == "cuda" if tc.compile is None else tc.compile
     step_model = torch.compile(model) if use_compile else model  # shares model's parameters
@@ -203,6 +256,7 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
         checkpoint = load_checkpoint(resume / "last.pt")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
         generator.set_state(checkpoint["generator"])
         torch.set_rng_state(checkpoint["rng"])
         state = checkpoint["state"]
@@ -219,7 +273,7 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
                 f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
     for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
-        train_loss, samples_per_s = train_epoch(step_model, optimizer, train_set, tc, generator, writer,
+        train_loss, samples_per_s = train_epoch(step_model, optimizer, schedule, train_set, tc, generator, writer,
                                                  epoch, bf16)
         val_loss = validation_loss(step_model, val_set, tc.eval_batch_size)
         scalars = {"loss/train": train_loss, "loss/validation": val_loss,
@@ -237,6 +291,7 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
         logger.info(f"epoch {epoch}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()))
         state["epoch"] = epoch
         checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "schedule": schedule.state_dict(),
                       "state": dict(state), "config": asdict(config),
                       "metadata": metadata.to_dict(), "generator": generator.get_state(),
                       "rng": torch.get_rng_state()}

@@ -1,8 +1,16 @@
 """The post's model: a GPT-style causal Transformer over the movie window, a user embedding, and
-an interaction MLP from [movie states || user embedding] to logits over all movies."""
+an interaction MLP from [movie states || user embedding] to logits over all movies.
+
+Two modes share these parts. `window` (the post's): the states of the whole window, each beside
+the user embedding, are flattened into one MLP input that predicts the next movie. `sequence`:
+the Transformer reads a user's history up to `context_window_size` (left-padded, with a padding
+mask), and [state || user embedding] at every position goes through the MLP to predict the
+movie after that position; prediction uses the last position.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -28,6 +36,9 @@ class MovieLensTransformerConfig:
     num_users: int = 6040
     user_embedding_dimension: int = 32
     interaction_mlp_hidden_sizes: list[int] = field(default_factory=lambda: [16])
+    mode: str = "window"                  # or "sequence"
+    tie_output_embeddings: bool = False   # output layer = movie embeddings (sequence mode)
+    init: str = "post"                    # "post": uniform +-0.1; "normal": N(0, 0.02)
 
 
 class CausalMultiHeadAttention(nn.Module):
@@ -41,11 +52,13 @@ class CausalMultiHeadAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.residual_dropout = nn.Dropout(config.residual_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """attention_mask: bool [B, 1, T, T], True where a query may attend (causal already)."""
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)
                    for z in self.qkv(x).split(d, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
+                                           is_causal=attention_mask is None,
                                            dropout_p=self.attention_dropout if self.training else 0.0)
         return self.residual_dropout(self.out(y.transpose(1, 2).reshape(b, t, d)))
 
@@ -72,8 +85,8 @@ class TransformerEncoderLayer(nn.Module):
         self.ln_2 = nn.LayerNorm(config.embedding_dimension)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.ln_1(x))
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attention(self.ln_1(x), attention_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -89,15 +102,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerEncoderLayer(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.embedding_dimension)
 
-    def forward(self, movie_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, movie_ids: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """padding_mask: bool [B, T], True at left-padding positions, which no query attends."""
         t = movie_ids.shape[1]
         if t > self.config.context_window_size:
             raise ValueError(f"input of length {t} exceeds context_window_size "
                              f"{self.config.context_window_size}")
         positions = torch.arange(t, device=movie_ids.device)
         x = self.dropout(self.token_embedding(movie_ids) + self.position_embedding(positions))
+        mask = None
+        if padding_mask is not None:
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            # padded queries attend to themselves only, so no row of the softmax is empty
+            mask = (causal & ~padding_mask[:, None, None, :]) | torch.eye(t, dtype=torch.bool, device=x.device)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, mask)
         return self.ln_f(x)
 
 
@@ -117,26 +136,52 @@ class InteractionMLP(nn.Module):
 
 
 class MovieLensTransformer(nn.Module):
-    """The post's model: logits over all movies for the movie that follows the window."""
+    """Logits over all movies for the movie that follows the input."""
 
     def __init__(self, config: MovieLensTransformerConfig):
         super().__init__()
+        if config.mode not in ("window", "sequence"):
+            raise ValueError(f"model_config.mode must be 'window' or 'sequence', got {config.mode!r}")
+        if config.init not in INITS:
+            raise ValueError(f"model_config.init must be one of {sorted(INITS)}, got {config.init!r}")
         self.config = config
         tc = config.transformer_config
         self.transformer = Transformer(tc)
         self.user_embedding = nn.Embedding(config.num_users, config.user_embedding_dimension)
-        width = tc.context_window_size * (tc.embedding_dimension + config.user_embedding_dimension)
+        width = tc.embedding_dimension + config.user_embedding_dimension
+        if config.mode == "window":
+            width *= tc.context_window_size
         self.interaction_mlp = InteractionMLP(width, config.interaction_mlp_hidden_sizes, tc.vocab_size)
-        self.apply(init_weights)
+        self.apply(INITS[config.init])
+        if config.tie_output_embeddings:
+            last = ([width, *config.interaction_mlp_hidden_sizes])[-1]
+            if last != tc.embedding_dimension:
+                raise ValueError("tie_output_embeddings needs the last interaction_mlp_hidden_sizes "
+                                 f"entry to equal embedding_dimension ({tc.embedding_dimension}), got {last}")
+            self.interaction_mlp.net[-1].weight = self.transformer.token_embedding.weight
 
-    def forward(self, movie_ids: torch.Tensor, user_ids: torch.Tensor) -> torch.Tensor:
+    def _features(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
+                  padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """[state || user embedding] at every position: [B, T, d + du]."""
+        states = self.transformer(movie_ids, padding_mask)
+        users = self.user_embedding(user_ids)[:, None, :].expand(-1, movie_ids.shape[1], -1)
+        return torch.cat([states, users], dim=-1)
+
+    def forward(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, vocab] logits for the movie after each input window."""
         b, t = movie_ids.shape
+        if self.config.mode == "sequence":
+            return self.interaction_mlp(self._features(movie_ids, user_ids, padding_mask)[:, -1])
         if t != self.config.transformer_config.context_window_size:
             raise ValueError(f"window of length {t}; the model takes exactly "
                              f"{self.config.transformer_config.context_window_size}")
-        states = self.transformer(movie_ids)
-        users = self.user_embedding(user_ids)[:, None, :].expand(b, t, -1)
-        return self.interaction_mlp(torch.cat([states, users], dim=-1).reshape(b, -1))
+        return self.interaction_mlp(self._features(movie_ids, user_ids, None).reshape(b, -1))
+
+    def sequence_logits(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
+                        padding_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """[N, vocab] logits at the N positions where select is True (sequence mode)."""
+        return self.interaction_mlp(self._features(movie_ids, user_ids, padding_mask)[select])
 
 
 def init_weights(module: nn.Module) -> None:
@@ -145,3 +190,14 @@ def init_weights(module: nn.Module) -> None:
         nn.init.uniform_(module.weight, -0.1, 0.1)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+def init_weights_normal(module: nn.Module) -> None:
+    """GPT-2's initialisation: weights N(0, 0.02), biases zero."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+INITS = {"post": init_weights, "normal": init_weights_normal}

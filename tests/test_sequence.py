@@ -1,0 +1,98 @@
+"""The sequence training mode: causal per-position prediction over a user's history."""
+import numpy as np
+import pytest
+import torch
+
+import data
+import eval as evaluation
+import model_train
+from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig, TransformerConfig
+
+
+def sequence_model(**kw) -> MovieLensTransformer:
+    tc = TransformerConfig(vocab_size=60, context_window_size=12, embedding_dimension=16, num_layers=2,
+                           num_heads=2, embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
+    return MovieLensTransformer(MovieLensTransformerConfig(tc, num_users=5, user_embedding_dimension=8,
+                                                           interaction_mlp_hidden_sizes=kw.pop("hidden", []),
+                                                           mode="sequence", init="normal", **kw)).eval()
+
+
+def test_logits_at_t_ignore_later_inputs():
+    model = sequence_model()
+    x, users = torch.randint(0, 58, (3, 12)), torch.tensor([0, 2, 4])
+    pad = torch.zeros(3, 12, dtype=torch.bool)
+    everywhere = torch.ones(3, 12, dtype=torch.bool)
+    for t in (0, 5, 10):
+        y = x.clone()
+        y[:, t + 1:] = (y[:, t + 1:] + 7) % 58
+        a = model.sequence_logits(x, users, pad, everywhere).view(3, 12, -1)
+        b = model.sequence_logits(y, users, pad, everywhere).view(3, 12, -1)
+        assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-5)
+        assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_padding_is_invisible_to_real_positions():
+    model = sequence_model()
+    x, users = torch.randint(0, 58, (2, 12)), torch.tensor([1, 3])
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[:, :4] = True
+    y = x.clone()
+    y[:, :4] = (y[:, :4] + 11) % 58
+    assert torch.allclose(model(x, users, pad), model(y, users, pad), atol=1e-5)
+    assert torch.isfinite(model.sequence_logits(x, users, pad, torch.ones_like(pad))).all()
+
+
+def test_tied_output_layer_is_the_movie_embedding():
+    model = sequence_model(hidden=[16], tie_output_embeddings=True)
+    assert model.interaction_mlp.net[-1].weight is model.transformer.token_embedding.weight
+    with pytest.raises(ValueError, match="tie_output_embeddings"):
+        sequence_model(hidden=[8], tie_output_embeddings=True)
+
+
+def test_chunks_cover_each_training_target_once_and_never_held_out_items(ml1m_dir):
+    movielens = data.load_movielens(ml1m_dir)
+    chunks_source = data.SequenceChunks(movielens, context=8)
+    validation = data.MovieLensSequenceDataset(movielens, "validation", 8)
+    test = data.MovieLensSequenceDataset(movielens, "test", 8)
+    generator = torch.Generator().manual_seed(0)
+    first = chunks_source.chunks(generator)
+    second = chunks_source.chunks(generator)
+    assert int(first.loss_mask.sum()) == int(second.loss_mask.sum()) == len(chunks_source)
+    assert not torch.equal(first.loss_mask, second.loss_mask) or len(first.loss_mask) != len(second.loss_mask)
+    for chunk in (first, second):
+        for u in range(movielens.metadata.num_users):
+            rows = chunk.user_ids == u
+            held = {int(validation.next_movie[u]), int(test.next_movie[u])}
+            real_inputs = chunk.movie_ids[rows][~chunk.padding_mask[rows]]
+            assert not held & set(real_inputs.tolist())
+            assert not held & set(chunk.targets[rows][chunk.loss_mask[rows]].tolist())
+        # every trained target sees its full history up to the context
+        assert (chunk.padding_mask & chunk.loss_mask).sum() == 0
+
+
+def test_window_padding_marks_positions_before_sos(ml1m_dir):
+    movielens = data.load_movielens(ml1m_dir)
+    validation = data.MovieLensSequenceDataset(movielens, "validation", 50)
+    batch = validation.batch(torch.arange(len(validation)))
+    pad = data.window_padding(batch)
+    sos = movielens.metadata.sos
+    real = batch.movie_ids.masked_fill(pad, -1)
+    assert ((real == sos).sum(1) == 1).all()  # exactly the user's own SOS is left
+    assert ((batch.movie_ids == sos) | ~pad).all()
+
+
+def test_short_sequence_run_learns(ml1m_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = model_train.load_config(model_train.ROOT / "configs" / "ml1m_best.yaml", [
+        f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=8", "trainer_config.patience=null",
+        "trainer_config.eval_every=8", "trainer_config.batch_size=32", "trainer_config.warmup_steps=5",
+        "model_config.transformer_config.context_window_size=50",
+        "model_config.transformer_config.embedding_dimension=32", "trainer_config.run_name=seq"])
+    run = model_train.train(config)
+    model, config, _ = model_train.model_from_checkpoint(model_train.load_checkpoint(run / "last.pt"))
+    datasets = model_train.make_datasets(config)
+    validation = datasets["validation"]
+    ours = evaluation.evaluate(evaluation.model_scorer(model), validation, ks=(10,))["ndcg@10"]
+    most_rated = evaluation.popularity_baselines(validation)["most-rated"]
+    baseline = evaluation.evaluate(evaluation.constant_scorer(most_rated), validation, ks=(10,))["ndcg@10"]
+    assert ours > 2 * baseline, (ours, baseline)
