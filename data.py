@@ -265,6 +265,16 @@ class MovieLensData:
     def num_ratings(self) -> int:
         return int(self.lengths.sum())
 
+    def to(self, device: str | torch.device) -> "MovieLensData":
+        return MovieLensData(self.metadata, *(t.to(device) for t in
+                                              (self.sequence, self.sequence_ratings, self.offsets, self.lengths)))
+
+    def history(self, user: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(movie tokens, ratings) of a user's ratings in time order."""
+        first = int(self.offsets[user]) + 1
+        last = first + int(self.lengths[user])
+        return self.sequence[first:last], self.sequence_ratings[first:last]
+
 
 def _dense_tokens(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The index of each value in sorted_ids (every value is known to be there)."""
@@ -393,6 +403,40 @@ class Batch(NamedTuple):
     history_length: torch.Tensor  # [B] movies the user rated before the target
 
 
+def seen_mask(data: MovieLensData, batch: Batch, exclude: str = "history") -> torch.Tensor:
+    """Bool [B, vocab]: movies to drop from the ranking, plus SOS and EOS.
+
+    exclude='history' drops every movie the user rated before the target (the honest
+    protocol); 'window' drops only the input window's movies (the post's behaviour). `data`
+    must sit on the batch's device.
+    """
+    b, device = len(batch.user_ids), batch.user_ids.device
+    mask = torch.zeros(b, data.metadata.vocab_size, dtype=torch.bool, device=device)
+    mask[:, [data.metadata.sos, data.metadata.eos]] = True
+    if exclude == "window":
+        mask[torch.arange(b, device=device)[:, None], batch.movie_ids] = True
+        return mask
+    if exclude != "history":
+        raise ValueError(f"exclude must be 'history' or 'window', got {exclude!r}")
+    counts = batch.history_length
+    rows = torch.repeat_interleave(torch.arange(b, device=device), counts)
+    rank = torch.arange(len(rows), device=device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    mask[rows, data.sequence[data.offsets[batch.user_ids][rows] + 1 + rank]] = True
+    return mask
+
+
+def latest_windows(data: MovieLensData, users: torch.Tensor, length: int) -> Batch:
+    """Windows that end with each user's last rating, to recommend what comes next.
+
+    The target slot holds EOS: the next movie is unknown.
+    """
+    start, n = data.offsets[users], data.lengths[users]
+    index = start[:, None] + (n[:, None] + 1 - length + torch.arange(length)).clamp(min=0)
+    eos = torch.full_like(users, data.metadata.eos)
+    return Batch(data.sequence[index], data.sequence_ratings[index], users, eos,
+                 torch.zeros_like(users), n)
+
+
 def window_padding(batch: Batch) -> torch.Tensor:
     """Bool [B, L]: True where a window position lies before the user's SOS (left padding)."""
     length = batch.movie_ids.shape[1]
@@ -427,6 +471,7 @@ class MovieLensSequenceDataset(Dataset):
         self.next_movie = data.sequence[start + position]
         self.next_rating = data.sequence_ratings[start + position]
         self.history_length = torch.from_numpy(position - 1)
+        self.device_data = data  # the sequence layout on the dataset's device, for seen_mask
 
     def __len__(self) -> int:
         return len(self.next_movie)
@@ -443,8 +488,7 @@ class MovieLensSequenceDataset(Dataset):
         """Move every tensor (the shared sequence layout too) to device, in place."""
         for key in ("movie_ids", "ratings", "user_ids", "next_movie", "next_rating", "history_length"):
             setattr(self, key, getattr(self, key).to(device))
-        self._sequence = self.data.sequence.to(device)
-        self._offsets = self.data.offsets.to(device)
+        self.device_data = self.data.to(device)
         return self
 
     def batch(self, index: torch.Tensor) -> Batch:
@@ -461,27 +505,7 @@ class MovieLensSequenceDataset(Dataset):
             yield self.batch(order[start:start + batch_size])
 
     def seen_mask(self, batch: Batch, exclude: str = "history") -> torch.Tensor:
-        """Bool [B, vocab]: movies to drop from the ranking, plus SOS and EOS.
-
-        exclude='history' drops every movie the user rated before the target (the honest
-        protocol); 'window' drops only the input window's movies (the post's behaviour).
-        """
-        b = len(batch.user_ids)
-        mask = torch.zeros(b, self.metadata.vocab_size, dtype=torch.bool, device=self.device)
-        mask[:, [self.metadata.sos, self.metadata.eos]] = True
-        if exclude == "window":
-            mask[torch.arange(b, device=self.device)[:, None], batch.movie_ids] = True
-            return mask
-        if exclude != "history":
-            raise ValueError(f"exclude must be 'history' or 'window', got {exclude!r}")
-        sequence = getattr(self, "_sequence", self.data.sequence)
-        offsets = getattr(self, "_offsets", self.data.offsets)
-        counts = batch.history_length
-        rows = torch.repeat_interleave(torch.arange(b, device=self.device), counts)
-        rank = torch.arange(len(rows), device=self.device) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts)
-        mask[rows, sequence[offsets[batch.user_ids][rows] + 1 + rank]] = True
-        return mask
+        return seen_mask(self.device_data, batch, exclude)
 
     def training_popularity(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(count, mean rating) per token over this split's training interactions, whichever

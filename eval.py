@@ -102,6 +102,25 @@ def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...]) ->
     return "\n".join(lines)
 
 
+def plot_results(results: dict[str, dict[str, float]], ks: tuple[int, ...], path: Optional[Path] = None,
+                 metrics: tuple[str, ...] = ("hr", "ndcg", "mrr")):
+    """Bar chart of each scorer per metric and K; saved to path (and closed) when given."""
+    from model_train import save_or_return
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    width = 0.8 / len(results)
+    for ax, metric in zip(axes[0], metrics):
+        for i, (name, values) in enumerate(results.items()):
+            ax.bar([j + i * width for j in range(len(ks))], [values[f"{metric}@{k}"] for k in ks],
+                   width, label=name)
+        ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(ks))], [f"@{k}" for k in ks])
+        ax.set_title(metric.upper())
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return save_or_return(fig, path)
+
+
 def save_predictions(path: Path, dataset: MovieLensSequenceDataset, top: torch.Tensor) -> None:
     """user_id,rank,item_id in MovieLens ids, rank 1 first."""
     meta = dataset.metadata
@@ -127,6 +146,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--save-predictions", type=Path, metavar="CSV")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="bar chart of model vs baselines")
     args = parser.parse_args(argv)
 
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
@@ -157,6 +177,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     if split == "random_windows":
         print("random_windows is the post's split: its training windows overlap the future, so "
               "these numbers are leaky.")
+    if args.plot:
+        plot_results(results, ks, args.plot)
     out = args.checkpoint.parent / f"eval_{args.split}_{args.exclude}.json"
     out.write_text(json.dumps({"split": split, "subset": args.split, "exclude": args.exclude,
                                "targets": len(dataset), "results": results}, indent=2))

@@ -234,6 +234,38 @@ def validation_loss(model, dataset, batch_size: int) -> float:
     return total.item() / max(len(dataset), 1)
 
 
+def plot_training_curves(log_dir: Path, path: Optional[Path] = None):
+    """Training and validation loss and validation NDCG@10 per epoch, read back with tbparse.
+
+    Saved to path and closed when a path is given, else returned.
+    """
+    import matplotlib.pyplot as plt
+    from tbparse import SummaryReader
+
+    scalars = SummaryReader(str(log_dir)).scalars
+    fig, (loss_ax, ndcg_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for tag, label in (("loss/train", "train"), ("loss/validation", "validation")):
+        rows = scalars[scalars.tag == tag]
+        loss_ax.plot(rows.step, rows.value, label=label)
+    loss_ax.set(title="cross-entropy", xlabel="epoch")
+    loss_ax.legend()
+    rows = scalars[scalars.tag == "metrics/validation/ndcg@10"]
+    ndcg_ax.plot(rows.step, rows.value, marker="o", color="C2")
+    ndcg_ax.set(title="validation NDCG@10", xlabel="epoch")
+    fig.tight_layout()
+    return save_or_return(fig, path)
+
+
+def save_or_return(fig, path: Optional[Path]):
+    """Save a figure to path and close it, or return it for a notebook to show."""
+    if path is None:
+        return fig
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
     """Train as configured (or continue the run in `resume`); returns the run folder."""
     tc = config.trainer_config
@@ -302,6 +334,7 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
             logger.info(f"no better validation NDCG@10 for {tc.patience} evaluations: stopping")
             break
     writer.close()
+    plot_training_curves(Path(tc.tensorboard_dir) / tc.run_name, run / "curves.png")
     logger.info(f"best validation NDCG@10 {state['best_ndcg']:.4f}; checkpoints in {run}")
     return run
 

@@ -123,16 +123,11 @@ def eval_fast(model, dataset) -> float:
     return len(dataset) / (time.perf_counter() - start)
 
 
-def history_of(dataset, row_user: int, history_length: int) -> torch.Tensor:
-    first = int(dataset.data.offsets[row_user]) + 1
-    return dataset.data.sequence[first:first + history_length]
-
-
 def drop_seen_per_row(top: torch.Tensor, batch, dataset, k: int) -> list[torch.Tensor]:
     """The post's de-duplication loop: per row, unique-with-counts of top list and history."""
     kept = []
     for row in range(len(top)):
-        seen = history_of(dataset, int(batch.user_ids[row]), int(batch.history_length[row]))
+        seen = dataset.data.history(int(batch.user_ids[row]))[0][:int(batch.history_length[row])]
         merged, counts = torch.cat((top[row], seen)).unique(return_counts=True)
         kept.append(top[row][torch.isin(top[row], merged[counts > 1], invert=True)][:k])
     return kept

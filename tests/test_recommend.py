@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import pytest
+
+import eval as evaluation
+import model_train
+import recommend
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ml1m_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    config = model_train.load_config(overrides=[
+        f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
+        f"trainer_config.model_dir={folder / 'models'}", f"trainer_config.tensorboard_dir={folder / 'runs'}",
+        "trainer_config.run_name=rec", "model_config.transformer_config.num_layers=1"])
+    run = model_train.train(config)
+    assert (run / "curves.png").stat().st_size > 1000  # the training curves, read back with tbparse
+    return run / "best.pt"
+
+
+def test_recommend_prints_unseen_movies_and_draws_cards(checkpoint, tmp_path, capsys):
+    png = tmp_path / "cards.png"
+    top = recommend.main(["--checkpoint", str(checkpoint), "--user", "5", "-k", "7", "--png", str(png)])
+    out = capsys.readouterr().out
+    assert "user 5:" in out and "top 7 next movies" in out and png.stat().st_size > 1000
+    _, _, metadata = model_train.model_from_checkpoint(model_train.load_checkpoint(checkpoint))
+    data = model_train.make_datasets(model_train.config_from_dict(
+        model_train.load_checkpoint(checkpoint)["config"], "checkpoint"))["test"].data
+    seen = {metadata.movie_ids[t] for t in data.history(metadata.user_ids.index(5))[0].tolist()}
+    assert len(top) == 7 and not seen & {movie_id for movie_id, *_ in top}
+    assert [score for *_, score in top] == sorted((score for *_, score in top), reverse=True)
+
+
+def test_unknown_user_is_a_clear_error(checkpoint):
+    result = subprocess.run([sys.executable, str(ROOT / "recommend.py"), "--checkpoint", str(checkpoint),
+                             "--user", "100000"], capture_output=True, text=True)
+    assert result.returncode != 0 and "user 100000 is not in ml-1m" in result.stderr
+
+
+def test_eval_plot_writes_png(checkpoint, tmp_path):
+    png = tmp_path / "bars.png"
+    results = evaluation.main(["--checkpoint", str(checkpoint), "--plot", str(png), "--k", "5", "10"])
+    assert png.stat().st_size > 1000 and set(results) == {"model", "most-rated", "top-rated-popular"}
