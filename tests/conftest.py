@@ -56,3 +56,15 @@ def write_ml1m(folder: Path, rows=None, num_users: int = 300, num_movies: int = 
 @pytest.fixture(scope="session")
 def ml1m_dir(tmp_path_factory) -> Path:
     return write_ml1m(tmp_path_factory.mktemp("data") / "ml-1m")
+
+
+def validation_ndcg_against_most_rated(checkpoint: Path) -> tuple[float, float]:
+    """Validation NDCG@10 of a checkpoint's model and of the most-rated baseline."""
+    import eval as evaluation
+    import model_train
+
+    model, config, _ = model_train.model_from_checkpoint(model_train.load_checkpoint(checkpoint))
+    validation = model_train.make_datasets(config)["validation"]
+    ours = evaluation.evaluate(evaluation.model_scorer(model), validation, ks=(10,))["ndcg@10"]
+    most_rated = evaluation.constant_scorer(evaluation.popularity_baselines(validation)["most-rated"])
+    return ours, evaluation.evaluate(most_rated, validation, ks=(10,))["ndcg@10"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import data
-import eval as evaluation
 import model_train
+from conftest import validation_ndcg_against_most_rated
 from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig, TransformerConfig
 
 
@@ -88,11 +88,5 @@ def test_short_sequence_run_learns(ml1m_dir, tmp_path, monkeypatch):
         "trainer_config.eval_every=8", "trainer_config.batch_size=32", "trainer_config.warmup_steps=5",
         "model_config.transformer_config.context_window_size=50",
         "model_config.transformer_config.embedding_dimension=32", "trainer_config.run_name=seq"])
-    run = model_train.train(config)
-    model, config, _ = model_train.model_from_checkpoint(model_train.load_checkpoint(run / "last.pt"))
-    datasets = model_train.make_datasets(config)
-    validation = datasets["validation"]
-    ours = evaluation.evaluate(evaluation.model_scorer(model), validation, ks=(10,))["ndcg@10"]
-    most_rated = evaluation.popularity_baselines(validation)["most-rated"]
-    baseline = evaluation.evaluate(evaluation.constant_scorer(most_rated), validation, ks=(10,))["ndcg@10"]
+    ours, baseline = validation_ndcg_against_most_rated(model_train.train(config) / "last.pt")
     assert ours > 2 * baseline, (ours, baseline)
