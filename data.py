@@ -476,6 +476,9 @@ class MovieLensSequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.next_movie)
 
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
     def __getitem__(self, i: int):
         return (self.movie_ids[i], self.ratings[i], self.user_ids[i], self.next_movie[i],
                 self.next_rating[i])
@@ -559,6 +562,11 @@ class SequenceChunks:
     def __len__(self) -> int:
         """Training targets per epoch."""
         return int(self.last_target.sum())
+
+    def num_batches(self, batch_size: int) -> int:
+        """Batches per epoch, on average (chunk boundaries move from epoch to epoch)."""
+        expected_chunks = int((self.last_target >= 1).sum()) + len(self) / self.context
+        return -(-int(expected_chunks) // batch_size)
 
     def to(self, device: str | torch.device) -> "SequenceChunks":
         self.device = torch.device(device)

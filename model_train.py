@@ -276,9 +276,7 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
     train_set, val_set = datasets["train"].to(device), datasets["validation"].to(device)
     model = build_model(config, metadata).to(device)
     optimizer = make_optimizer(model, tc, device)
-    steps_per_epoch = math.ceil(len(train_set) / tc.batch_size) if config.model_config.mode == "window" \
-        else math.ceil((metadata.num_users + len(train_set) / train_set.context) / tc.batch_size)
-    schedule = make_schedule(optimizer, tc, steps_per_epoch)
+    schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size))
     bf16 = device.type == "cuda" if tc.bf16 is None else tc.bf16
     use_compile = device.type == "cuda" if tc.compile is None else tc.compile
     step_model = torch.compile(model) if use_compile else model  # shares model's parameters
@@ -300,7 +298,7 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
         run.mkdir(parents=True, exist_ok=False)
     (run / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     writer = SummaryWriter(str(Path(tc.tensorboard_dir) / tc.run_name))
-    logger.info(f"run {tc.run_name} on {device}: {len(train_set):,} training windows, "
+    logger.info(f"run {tc.run_name} on {device}: {len(train_set):,} training targets, "
                 f"{len(val_set):,} validation targets, "
                 f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
