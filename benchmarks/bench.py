@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py --data-dir ../shared/data/ml-1m [--device cpu|cuda] [--json OUT]
 
-Stages: loading (read + tokenize + order + split + windows; cold and from the cache), training
+Stages: reading ratings alone, loading (read + tokenize + order + split + windows; cold and from the cache), training
 throughput of the default (post's) model at batch 512, full-ranking leave-one-out evaluation with
 history excluded, and the peak memory of a training process. The post-style path uses pandas'
 python-engine read, per-user Python window building, a DataLoader over __getitem__, and a per-row
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import FILES, MovieLensSequenceDataset, detect_format, load_movielens, tokenize  # noqa: E402
+from data import (FILES, MovieLensSequenceDataset, detect_format, load_movielens,  # noqa: E402
+                  read_ratings, tokenize)
 from eval import model_scorer, rank_all, target_ranks  # noqa: E402
 from model_train import Config, build_model, pick_device, train_step  # noqa: E402
 
@@ -216,6 +217,11 @@ def main() -> None:
     torch.manual_seed(0)
 
     ours, ref = {}, {}
+    ratings = args.data_dir / FILES[detect_format(args.data_dir)][2]
+    sep = "::" if ratings.suffix == ".dat" else "\t"
+    ours["read_ratings_s"] = median_time(lambda: read_ratings(ratings, sep), args.repeats)
+    ref["read_ratings_s"] = median_time(lambda: pd.read_csv(ratings, sep=sep, engine="python", header=None),
+                                        max(1, args.repeats - 1), warmup=0)
     ours["load_s"] = median_time(lambda: load_fast(args.data_dir, cache=False), args.repeats)
     ours["load_cached_s"] = median_time(lambda: load_fast(args.data_dir, cache=True), args.repeats)
     ref["load_s"] = median_time(lambda: load_post_style(args.data_dir), max(1, args.repeats - 1), warmup=0)
@@ -245,7 +251,7 @@ def main() -> None:
     ours["peak_rss_mb"] = peak_rss(args.data_dir, "fast", args.device, args.train_steps)
     ref["peak_rss_mb"] = peak_rss(args.data_dir, "post", args.device, args.train_steps)
 
-    lower_is_better = {"load_s", "load_cached_s", "train_epoch_s", "peak_rss_mb"}
+    lower_is_better = {"read_ratings_s", "load_s", "load_cached_s", "train_epoch_s", "peak_rss_mb"}
     ratios = {k: (ref[k] / ours[k] if k in lower_is_better else ours[k] / ref[k]) for k in ours}
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(f"{args.data_dir} on {name}; ratio = how many times better than the post-style path")

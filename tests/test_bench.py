@@ -12,7 +12,7 @@ def test_bench_writes_every_key(ml1m_dir, tmp_path):
                     "--json", str(out), "--repeats", "1", "--train-steps", "3"], check=True,
                    capture_output=True, text=True, timeout=300)
     result = json.loads(out.read_text())
-    keys = {"load_s", "load_cached_s", "train_samples_per_s", "train_epoch_s", "eval_users_per_s",
+    keys = {"read_ratings_s", "load_s", "load_cached_s", "train_samples_per_s", "train_epoch_s", "eval_users_per_s",
             "rank_users_per_s", "peak_rss_mb"}
     assert keys <= set(result) and keys <= set(result["reference"]) and keys <= set(result["ratios"])
     assert result["device"].startswith("cpu")
