@@ -361,6 +361,18 @@ def _regular_positions(users: np.ndarray, first: np.ndarray, last: np.ndarray,
     return user, np.repeat(first, counts) + k * step
 
 
+def last_training_position(lengths: np.ndarray) -> np.ndarray:
+    """leave_one_out: the position of each user's last training target (users with fewer than
+    3 ratings keep them all for training)."""
+    return np.where(lengths >= 3, lengths - 2, lengths)
+
+
+def window_index(offsets: np.ndarray, user: np.ndarray, before: np.ndarray, length: int) -> np.ndarray:
+    """Flat sequence slots [N, length] of the tokens just before position `before` of each user,
+    left-padded with the user's SOS."""
+    return offsets[user][:, None] + np.maximum(before[:, None] - length + np.arange(length), 0)
+
+
 def split_positions(data: MovieLensData, split: str, subset: str, sequence_length: int,
                     window_size: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The (user, target position) pairs of one subset of a split.
@@ -382,8 +394,8 @@ def split_positions(data: MovieLensData, split: str, subset: str, sequence_lengt
         if subset != "train":
             p = n - (subset == "validation")
             return users[held_out], p[held_out]
-        last = np.where(held_out, n - 2, n)
-        return _regular_positions(users, np.full_like(n, sequence_length), last, window_size)
+        return _regular_positions(users, np.full_like(n, sequence_length), last_training_position(n),
+                                  window_size)
     user, p = _regular_positions(users, np.full_like(n, sequence_length), n + 1, window_size)
     in_train = np.random.default_rng(seed).random(len(user)) < 0.9
     if subset == "train":
@@ -430,8 +442,8 @@ def latest_windows(data: MovieLensData, users: torch.Tensor, length: int) -> Bat
 
     The target slot holds EOS: the next movie is unknown.
     """
-    start, n = data.offsets[users], data.lengths[users]
-    index = start[:, None] + (n[:, None] + 1 - length + torch.arange(length)).clamp(min=0)
+    n = data.lengths[users]
+    index = torch.from_numpy(window_index(data.offsets.numpy(), users.numpy(), n.numpy() + 1, length))
     eos = torch.full_like(users, data.metadata.eos)
     return Batch(data.sequence[index], data.sequence_ratings[index], users, eos,
                  torch.zeros_like(users), n)
@@ -464,8 +476,8 @@ class MovieLensSequenceDataset(Dataset):
         self.sequence_length, self.window_size, self.seed = sequence_length, window_size, seed
         user, position = split_positions(data, split, subset, sequence_length, window_size, seed)
         start = data.offsets.numpy()[user]
-        index = start[:, None] + np.maximum(position[:, None] - sequence_length + np.arange(sequence_length), 0)
-        self.movie_ids = torch.from_numpy(data.sequence.numpy()[index])  # before SOS: SOS pads
+        index = window_index(data.offsets.numpy(), user, position, sequence_length)
+        self.movie_ids = torch.from_numpy(data.sequence.numpy()[index])
         self.ratings = torch.from_numpy(data.sequence_ratings.numpy()[index])
         self.user_ids = torch.from_numpy(user)
         self.next_movie = data.sequence[start + position]
@@ -555,8 +567,7 @@ class SequenceChunks:
         if split != "leave_one_out":
             raise ValueError("the sequence mode trains on the leave_one_out split only")
         self.data, self.metadata, self.context = data, data.metadata, context
-        n = data.lengths.numpy()
-        self.last_target = np.where(n >= 3, n - 2, n)  # last training target position per user
+        self.last_target = last_training_position(data.lengths.numpy())
         self.device = torch.device("cpu")
 
     def __len__(self) -> int:
@@ -585,10 +596,9 @@ class SequenceChunks:
         end = np.where(k == 0, newest_end, newest_end - np.repeat(shift, counts) - (k - 1) * c)
         lower = np.where(k == 0, end - np.repeat(shift, counts), end - c)  # covers (lower, end]
         position = end[:, None] - c + 1 + np.arange(c)  # target positions
-        start = self.data.offsets.numpy()[user][:, None]
-        sequence = self.data.sequence.numpy()
-        tensors = (sequence[start + np.maximum(position - 1, 0)], user,
-                   sequence[start + np.maximum(position, 0)],
+        offsets, sequence = self.data.offsets.numpy(), self.data.sequence.numpy()
+        tensors = (sequence[window_index(offsets, user, end, c)], user,
+                   sequence[window_index(offsets, user, end + 1, c)],
                    (position > lower[:, None]) & (position >= 1), position - 1 < 0)
         return ChunkBatch(*(torch.from_numpy(t).to(self.device) for t in tensors))
 

@@ -184,20 +184,22 @@ class MovieLensTransformer(nn.Module):
         return self.interaction_mlp(self._features(movie_ids, user_ids, padding_mask)[select])
 
 
-def init_weights(module: nn.Module) -> None:
-    """The post's initialisation: weights uniform in [-0.1, 0.1], biases zero."""
+def _init_weights(module: nn.Module, fill) -> None:
+    """fill() the weights of Linear and Embedding layers; zero the biases."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.uniform_(module.weight, -0.1, 0.1)
+        fill(module.weight)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+def init_weights(module: nn.Module) -> None:
+    """The post's initialisation: weights uniform in [-0.1, 0.1], biases zero."""
+    _init_weights(module, lambda w: nn.init.uniform_(w, -0.1, 0.1))
 
 
 def init_weights_normal(module: nn.Module) -> None:
     """GPT-2's initialisation: weights N(0, 0.02), biases zero."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+    _init_weights(module, lambda w: nn.init.normal_(w, std=0.02))
 
 
 INITS = {"post": init_weights, "normal": init_weights_normal}
