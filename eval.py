@@ -133,7 +133,8 @@ def save_predictions(path: Path, dataset: MovieLensSequenceDataset, top: torch.T
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
-    from model_train import load_checkpoint, make_datasets, model_from_checkpoint, pick_device
+    from model_train import (data_for_checkpoint, load_checkpoint, make_datasets, model_from_checkpoint,
+                             pick_device)
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -150,12 +151,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
 
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
-    if args.data_dir:
-        config.trainer_config.data_dir = args.data_dir
-    datasets = make_datasets(config)
-    if datasets["train"].metadata != metadata:
-        raise ValueError(f"{config.trainer_config.data_dir} is not the data set "
-                         f"{args.checkpoint} was trained on")
+    datasets = make_datasets(config, data_for_checkpoint(config, metadata, args.data_dir))
     device = pick_device(args.device)
     model.to(device)
     dataset = datasets[args.split].to(device)

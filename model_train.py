@@ -130,6 +130,17 @@ def build_model(config: Config, metadata: DatasetMetadata) -> MovieLensTransform
     return MovieLensTransformer(config.model_config)
 
 
+def data_for_checkpoint(config: Config, metadata: DatasetMetadata, data_dir: Optional[str] = None):
+    """The tokenized data a checkpoint was trained on (from its config's data_dir, or data_dir)."""
+    if data_dir:
+        config.trainer_config.data_dir = data_dir
+    tc = config.trainer_config
+    data = load_movielens(ensure_movielens(tc.data_dir), cache=tc.cache)
+    if data.metadata != metadata:
+        raise ValueError(f"{tc.data_dir} is not the data set this checkpoint was trained on")
+    return data
+
+
 def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Config, DatasetMetadata]:
     config = config_from_dict(checkpoint["config"], "checkpoint config")
     metadata = DatasetMetadata.from_dict(checkpoint["metadata"])
@@ -178,18 +189,19 @@ def make_schedule(optimizer, tc: TrainerConfig, steps_per_epoch: int) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def batch_loss(model, batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(model, batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | int]:
     """(mean cross-entropy, number of targets) of a window Batch or a sequence ChunkBatch."""
     if isinstance(batch, ChunkBatch):
         logits = model.sequence_logits(batch.movie_ids, batch.user_ids, batch.padding_mask, batch.loss_mask)
         targets = batch.targets[batch.loss_mask]
     else:
         logits, targets = model(batch.movie_ids, batch.user_ids), batch.next_movie
-    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing), targets.new_tensor(len(targets))
+    count = batch.loss_mask.sum() if isinstance(batch, ChunkBatch) else len(targets)  # no host copy
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing), count
 
 
 def train_step(model, optimizer, batch, bf16: bool = False, tc: Optional[TrainerConfig] = None,
-               schedule=None) -> tuple[torch.Tensor, torch.Tensor]:
+               schedule=None) -> tuple[torch.Tensor, torch.Tensor | int]:
     """One optimisation step; returns (loss, targets) without a host sync."""
     with torch.autocast(batch.movie_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss, count = batch_loss(model, batch, tc.label_smoothing if tc else 0.0)
@@ -211,7 +223,7 @@ def train_epoch(model, optimizer, schedule, dataset, tc: TrainerConfig, generato
     targets = torch.zeros((), dtype=torch.long, device=dataset.device)
     start = time.perf_counter()
     bar = tqdm(dataset.batches(tc.batch_size, shuffle=True, generator=generator),
-               desc=f"epoch {epoch}", leave=False)
+               total=dataset.num_batches(tc.batch_size), desc=f"epoch {epoch}", leave=False)
     for step, batch in enumerate(bar):
         loss, count = train_step(model, optimizer, batch, bf16, tc, schedule)
         total += loss * count

@@ -23,7 +23,7 @@ from matplotlib.patches import FancyBboxPatch
 
 from data import DatasetMetadata, MovieLensData, latest_windows, seen_mask
 from eval import model_scorer
-from model_train import load_checkpoint, make_datasets, model_from_checkpoint, save_or_return
+from model_train import data_for_checkpoint, load_checkpoint, model_from_checkpoint, save_or_return
 
 POSTERS = Path("data/posters")
 GENRE_COLOURS = {"Action": "#d62728", "Adventure": "#ff7f0e", "Animation": "#e377c2",
@@ -128,11 +128,7 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
 
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
     token = user_token(metadata, args.user)
-    if args.data_dir:
-        config.trainer_config.data_dir = args.data_dir
-    data = make_datasets(config)["validation"].data
-    if data.metadata != metadata:
-        raise SystemExit(f"{config.trainer_config.data_dir} is not the data set {args.checkpoint} was trained on")
+    data = data_for_checkpoint(config, metadata, args.data_dir)
     movies, ratings = data.history(token)
     print(f"user {args.user}: {len(movies)} ratings; the last {min(args.history, len(movies))}:")
     recent = movies[-args.history:].tolist()
