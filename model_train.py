@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import dacite
 import torch
@@ -56,7 +56,11 @@ class TrainerConfig:
     log_every: int = 100                 # steps between training-loss log points
     device: str = "auto"                 # auto: cuda, then mps, then cpu
     bf16: Optional[bool] = None          # bf16 autocast; null: on for CUDA
-    compile: Optional[bool] = None       # torch.compile; null: on for CUDA
+    compile: Optional[bool] = None       # torch.compile the training loss; null: on for CUDA
+    compile_mode: str = "default"        # torch.compile mode: default, reduce-overhead (CUDA graphs), ...
+    cuda_graph: Optional[bool] = None    # replay the whole training step as one CUDA graph; null: on
+                                         # for CUDA in window mode (sequence batches vary in shape)
+                                         # unless compile_mode brings CUDA graphs of its own
     seed: int = 42
     tensorboard_dir: str = "runs"
     model_dir: str = "models"
@@ -164,13 +168,28 @@ def make_datasets(config: Config, data=None) -> dict:
     return datasets
 
 
-def make_optimizer(model: torch.nn.Module, tc: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Adam or AdamW, fused into one kernel per step on CUDA and CPU."""
+def make_optimizer(model: torch.nn.Module, tc: TrainerConfig, device: torch.device,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam or AdamW, fused into one kernel per step on CUDA and CPU. capturable: for a CUDA
+    graph, with the learning rate a tensor on the device so that the schedule can change it."""
     if tc.optimizer not in ("adam", "adamw"):
         raise ValueError(f"trainer_config.optimizer must be adam or adamw, got {tc.optimizer!r}")
     kind = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    return kind(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay,
-                fused=device.type in ("cuda", "cpu"))
+    lr = torch.tensor(tc.learning_rate, device=device) if capturable else tc.learning_rate
+    return kind(model.parameters(), lr=lr, weight_decay=tc.weight_decay, fused=device.type in ("cuda", "cpu"),
+                capturable=capturable)
+
+
+def uses_cuda_graph(config: Config, device: torch.device) -> bool:
+    """Whether to replay the training step as a CUDA graph: it needs CUDA, the window mode's fixed
+    batch shapes, and a compile mode without CUDA graphs of its own."""
+    tc = config.trainer_config
+    possible = (device.type == "cuda" and config.model_config.mode == "window"
+                and tc.compile_mode in ("default", "max-autotune-no-cudagraphs"))
+    if tc.cuda_graph and not possible:
+        raise ValueError("trainer_config.cuda_graph needs a CUDA device, model_config.mode: window and "
+                         "a compile_mode without CUDA graphs (default or max-autotune-no-cudagraphs)")
+    return possible if tc.cuda_graph is None else tc.cuda_graph
 
 
 def make_schedule(optimizer, tc: TrainerConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -186,7 +205,11 @@ def make_schedule(optimizer, tc: TrainerConfig, steps_per_epoch: int) -> torch.o
             return 1.0
         progress = min((step - tc.warmup_steps) / total, 1.0)
         return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # float base rates: a tensor learning rate (capturable optimizer) is then filled in place
+    # each step without reading a device tensor back
+    schedule.base_lrs = [tc.learning_rate] * len(optimizer.param_groups)
+    return schedule
 
 
 def batch_loss(model, batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | int]:
@@ -200,23 +223,92 @@ def batch_loss(model, batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing), count
 
 
-def train_step(model, optimizer, batch, bf16: bool = False, tc: Optional[TrainerConfig] = None,
+LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]
+
+
+def make_loss_fn(model: torch.nn.Module, tc: TrainerConfig, device: torch.device) -> LossFn:
+    """batch_loss under bf16 autocast where configured, and compiled where configured: the model
+    and the cross-entropy become one graph, so the softmax over all movies fuses with the loss."""
+    bf16 = device.type == "cuda" if tc.bf16 is None else tc.bf16
+
+    def loss_fn(batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            return batch_loss(model, batch, tc.label_smoothing)
+    if not (device.type == "cuda" if tc.compile is None else tc.compile):
+        return loss_fn
+    if device.type == "cpu":  # inductor's own CPU random numbers make dropout slower than aten's
+        from torch._inductor import config as inductor_config
+        inductor_config.fallback_random = True
+    return torch.compile(loss_fn, mode=tc.compile_mode)
+
+
+def train_step(loss_fn: LossFn, optimizer: torch.optim.Optimizer, batch, grad_clip: Optional[float] = None,
                schedule=None) -> tuple[torch.Tensor, torch.Tensor | int]:
     """One optimisation step; returns (loss, targets) without a host sync."""
-    with torch.autocast(batch.movie_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss, count = batch_loss(model, batch, tc.label_smoothing if tc else 0.0)
+    torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs; otherwise a no-op
+    loss, count = loss_fn(batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if tc and tc.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
     optimizer.step()
     if schedule:
         schedule.step()
     return loss.detach(), count
 
 
-def train_epoch(model, optimizer, schedule, dataset, tc: TrainerConfig, generator: torch.Generator,
-                writer: SummaryWriter, epoch: int, bf16: bool) -> tuple[float, float]:
+def capture_step(loss_fn: LossFn, optimizer: torch.optim.Optimizer, example, grad_clip: Optional[float]):
+    """The forward, backward and optimizer step captured once as a CUDA graph, and a function that
+    replays it on a batch of example's shape: one launch a step instead of hundreds of small
+    kernels, each waiting for Python. The optimizer must be capturable and have its state."""
+    static = type(example)(*(t.clone() for t in example))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up passes (no update) off the capturing stream
+        for _ in range(2):
+            loss_fn(static)[0].backward()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, count = loss_fn(static)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+        optimizer.step()
+
+    def replay(batch) -> tuple[torch.Tensor, torch.Tensor | int]:
+        for buffer, tensor in zip(static, batch):
+            buffer.copy_(tensor)
+        graph.replay()
+        return loss.detach(), count
+    return replay
+
+
+def make_step(loss_fn: LossFn, optimizer: torch.optim.Optimizer, schedule, tc: TrainerConfig,
+              graphed: bool) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]:
+    """The training step for a batch: train_step, or, when graphed, a CUDA graph of it for every
+    full batch (captured at the first full batch once the optimizer has its state)."""
+    def eager(batch):
+        return train_step(loss_fn, optimizer, batch, tc.grad_clip, schedule)
+    if not graphed:
+        return eager
+    replay = None
+
+    def step(batch):
+        nonlocal replay
+        if len(batch.user_ids) != tc.batch_size or not optimizer.state:
+            return eager(batch)
+        replay = replay or capture_step(loss_fn, optimizer, batch, tc.grad_clip)
+        out = replay(batch)
+        if schedule:
+            schedule.step()
+        return out
+    return step
+
+
+def train_epoch(model, step_fn, schedule, dataset, tc: TrainerConfig, generator: torch.Generator,
+                writer: SummaryWriter, epoch: int) -> tuple[float, float]:
     """One pass over the shuffled training data: (mean loss per target, targets per second)."""
     model.train()
     total = torch.zeros((), device=dataset.device)
@@ -225,7 +317,7 @@ def train_epoch(model, optimizer, schedule, dataset, tc: TrainerConfig, generato
     bar = tqdm(dataset.batches(tc.batch_size, shuffle=True, generator=generator),
                total=dataset.num_batches(tc.batch_size), desc=f"epoch {epoch}", leave=False)
     for step, batch in enumerate(bar):
-        loss, count = train_step(model, optimizer, batch, bf16, tc, schedule)
+        loss, count = step_fn(batch)
         total += loss * count
         targets += count
         if (step + 1) % tc.log_every == 0:  # the only host sync inside the epoch
@@ -287,11 +379,10 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
     metadata = datasets["train"].metadata
     train_set, val_set = datasets["train"].to(device), datasets["validation"].to(device)
     model = build_model(config, metadata).to(device)
-    optimizer = make_optimizer(model, tc, device)
+    graphed = uses_cuda_graph(config, device)
+    optimizer = make_optimizer(model, tc, device, capturable=graphed)
     schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size))
-    bf16 = device.type == "cuda" if tc.bf16 is None else tc.bf16
-    use_compile = device.type == "cuda" if tc.compile is None else tc.compile
-    step_model = torch.compile(model) if use_compile else model  # shares model's parameters
+    step_fn = make_step(make_loss_fn(model, tc, device), optimizer, schedule, tc, graphed)
     generator = torch.Generator().manual_seed(tc.seed)
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
     if resume:
@@ -315,14 +406,13 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
                 f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
     for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
-        train_loss, samples_per_s = train_epoch(step_model, optimizer, schedule, train_set, tc, generator, writer,
-                                                 epoch, bf16)
-        val_loss = validation_loss(step_model, val_set, tc.eval_batch_size)
+        train_loss, samples_per_s = train_epoch(model, step_fn, schedule, train_set, tc, generator, writer, epoch)
+        val_loss = validation_loss(model, val_set, tc.eval_batch_size)
         scalars = {"loss/train": train_loss, "loss/validation": val_loss,
-                   "lr": optimizer.param_groups[0]["lr"], "throughput/samples_per_s": samples_per_s}
+                   "lr": float(optimizer.param_groups[0]["lr"]), "throughput/samples_per_s": samples_per_s}
         improved = False
         if epoch % tc.eval_every == 0 or epoch == tc.num_epochs:
-            metrics = evaluate(model_scorer(step_model), val_set, ks=(10,), batch_size=tc.eval_batch_size)
+            metrics = evaluate(model_scorer(model), val_set, ks=(10,), batch_size=tc.eval_batch_size)
             scalars.update({f"metrics/validation/{k}": metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
             improved = metrics["ndcg@10"] > state["best_ndcg"]
             state["best_ndcg"] = max(state["best_ndcg"], metrics["ndcg@10"])

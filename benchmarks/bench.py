@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import (FILES, MovieLensSequenceDataset, detect_format, load_movielens,  # noqa: E402
                   read_ratings, tokenize)
 from eval import model_scorer, rank_all, target_ranks  # noqa: E402
-from model_train import Config, build_model, pick_device, train_step  # noqa: E402
+from model_train import (Config, build_model, load_config, make_loss_fn, make_optimizer,  # noqa: E402
+                         make_schedule, make_step, pick_device, uses_cuda_graph)
 
 BATCH = 512
 
@@ -44,6 +45,12 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def median_rate(train: Callable[[int], float], steps: int, repeats: int) -> float:
+    """Median samples/s of `train(steps)` over repeats, after 10 warm-up (and compilation) steps."""
+    train(10)
+    return statistics.median(train(steps) for _ in range(repeats))
 
 
 def sync(device: torch.device) -> None:
@@ -87,20 +94,31 @@ def load_post_style(data_dir: Path, sequence_length: int = 5) -> tuple[torch.Ten
 
 # ----------------------------------------------------------------------------- training
 
-def train_fast(model, optimizer, dataset, steps: int, device: torch.device) -> float:
-    """Samples/s of the repo's path: shuffled index slices of tensors already on the device."""
+def trainer_step(model, config: Config, dataset, device: torch.device):
+    """The trainer's training step for this model: its optimizer, schedule and loss (compiled,
+    bf16, a CUDA graph where the config says so)."""
+    tc, graphed = config.trainer_config, uses_cuda_graph(config, device)
+    optimizer = make_optimizer(model, tc, device, capturable=graphed)
+    schedule = make_schedule(optimizer, tc, dataset.num_batches(tc.batch_size))
+    return make_step(make_loss_fn(model, tc, device), optimizer, schedule, tc, graphed)
+
+
+def train_fast(step_fn, dataset, steps: int, device: torch.device) -> float:
+    """Samples/s of the repo's path: shuffled index slices of tensors already on the device, the
+    trainer's step."""
     generator = torch.Generator().manual_seed(0)
     batches = dataset.batches(BATCH, shuffle=True, generator=generator)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, next(batches))
+        step_fn(next(batches))
     sync(device)
     return steps * BATCH / (time.perf_counter() - start)
 
 
 def train_post_style(model, optimizer, dataset, steps: int, device: torch.device) -> float:
-    """Samples/s of the post's path: a DataLoader collating single samples, copied per step."""
+    """Samples/s of the post's path: a DataLoader collating single samples, copied per step,
+    the model eager in float32, the default Adam, the loss read back every step."""
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True))
     sync(device)
     start = time.perf_counter()
@@ -164,23 +182,18 @@ def ranking_stage(model, dataset, k: int = 10) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- memory
 
-def memory_probe(data_dir: Path, style: str, device: torch.device, steps: int) -> float:
+def memory_probe(data_dir: Path, style: str, config: Config, device: torch.device, steps: int) -> float:
     """Peak RSS (MB) of a process that loads ML-1M and trains `steps` steps one way."""
     torch.manual_seed(0)
     if style == "post":
         x, y, u = load_post_style(data_dir)
         dataset = torch.utils.data.TensorDataset(x, x, u, y, y)
-        data = load_movielens(data_dir, cache=False)
-        meta = data.metadata
+        model = build_model(config, load_movielens(data_dir, cache=False).metadata).to(device)
+        train_post_style(model, torch.optim.Adam(model.parameters(), lr=1e-3), dataset, steps, device)
     else:
         dataset = load_fast(data_dir, cache=True)["train"].to(device)
-        meta = dataset.metadata
-    model = build_model(Config(), meta).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    if style == "post":
-        train_post_style(model, optimizer, dataset, steps, device)
-    else:
-        train_fast(model, optimizer, dataset, steps, device)
+        model = build_model(config, dataset.metadata).to(device)
+        train_fast(trainer_step(model, config, dataset, device), dataset, steps, device)
     return peak_rss_of_this_process()
 
 
@@ -192,9 +205,10 @@ def peak_rss_of_this_process() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: kB on Linux, bytes on macOS
 
 
-def peak_rss(data_dir: Path, style: str, device: str, steps: int) -> float:
+def peak_rss(data_dir: Path, style: str, device: str, steps: int, overrides: list[str]) -> float:
     out = subprocess.run([sys.executable, __file__, "--data-dir", str(data_dir), "--device", device,
-                          "--memory-probe", style, "--train-steps", str(steps)],
+                          "--memory-probe", style, "--train-steps", str(steps),
+                          *(a for o in overrides for a in ("--set", o))],
                          capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -208,11 +222,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override training_config.yaml for the repo's path, e.g. trainer_config.compile=true")
     parser.add_argument("--memory-probe", choices=("fast", "post"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = pick_device(args.device)
+    config = load_config(overrides=args.overrides)
     if args.memory_probe:
-        print(memory_probe(args.data_dir, args.memory_probe, device, args.train_steps))
+        print(memory_probe(args.data_dir, args.memory_probe, config, device, args.train_steps))
         return
     torch.manual_seed(0)
 
@@ -230,14 +247,17 @@ def main() -> None:
     datasets = load_fast(args.data_dir, cache=True)
     train_set = datasets["train"].to(device)
     cpu_train = datasets["train"] if device.type == "cpu" else load_fast(args.data_dir, True)["train"]
-    for style, result, fn, data in (("fast", ours, train_fast, train_set),
-                                    ("post", ref, train_post_style, cpu_train)):
-        torch.manual_seed(0)
-        model = build_model(Config(), train_set.metadata).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        fn(model, optimizer, data, 10, device)  # warm-up
-        rates = [fn(model, optimizer, data, args.train_steps, device) for _ in range(args.repeats)]
-        result["train_samples_per_s"] = statistics.median(rates)
+    torch.manual_seed(0)
+    model = build_model(config, train_set.metadata).to(device)
+    step_fn = trainer_step(model, config, train_set, device)
+    ours["train_samples_per_s"] = median_rate(lambda steps: train_fast(step_fn, train_set, steps, device),
+                                              args.train_steps, args.repeats)
+    torch.manual_seed(0)
+    model = build_model(config, train_set.metadata).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ref["train_samples_per_s"] = median_rate(lambda steps: train_post_style(model, optimizer, cpu_train, steps, device),
+                                             args.train_steps, args.repeats)
+    for result in (ours, ref):
         result["train_epoch_s"] = len(train_set) / result["train_samples_per_s"]
 
     test_set = datasets["test"].to(device)
@@ -248,8 +268,8 @@ def main() -> None:
     ours["rank_users_per_s"] = statistics.median(s[0] for s in stages)
     ref["rank_users_per_s"] = statistics.median(s[1] for s in stages)
 
-    ours["peak_rss_mb"] = peak_rss(args.data_dir, "fast", args.device, args.train_steps)
-    ref["peak_rss_mb"] = peak_rss(args.data_dir, "post", args.device, args.train_steps)
+    ours["peak_rss_mb"] = peak_rss(args.data_dir, "fast", args.device, args.train_steps, args.overrides)
+    ref["peak_rss_mb"] = peak_rss(args.data_dir, "post", args.device, args.train_steps, args.overrides)
 
     lower_is_better = {"read_ratings_s", "load_s", "load_cached_s", "train_epoch_s", "peak_rss_mb"}
     ratios = {k: (ref[k] / ours[k] if k in lower_is_better else ours[k] / ref[k]) for k in ours}
