@@ -56,7 +56,7 @@ class TrainerConfig:
     log_every: int = 100                 # steps between training-loss log points
     device: str = "auto"                 # auto: cuda, then mps, then cpu
     bf16: Optional[bool] = None          # bf16 autocast; null: on for CUDA
-    compile: Optional[bool] = None       # torch.compile the training loss; null: on for CUDA
+    compile: Optional[bool] = None       # torch.compile the training loss; null: on for CUDA in window mode
     compile_mode: str = "default"        # torch.compile mode: default, reduce-overhead (CUDA graphs), ...
     cuda_graph: Optional[bool] = None    # replay the whole training step as one CUDA graph; null: on
                                          # for CUDA in window mode (sequence batches vary in shape)
@@ -180,6 +180,17 @@ def make_optimizer(model: torch.nn.Module, tc: TrainerConfig, device: torch.devi
                 capturable=capturable)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping a tensor learning rate the same tensor on its device
+    (where a CUDA graph reads it) with the saved value."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, rate in zip(optimizer.param_groups, rates):
+        if isinstance(rate, torch.Tensor):
+            rate.fill_(float(group["lr"]))
+            group["lr"] = rate
+
+
 def uses_cuda_graph(config: Config, device: torch.device) -> bool:
     """Whether to replay the training step as a CUDA graph: it needs CUDA, the window mode's fixed
     batch shapes, and a compile mode without CUDA graphs of its own."""
@@ -234,7 +245,8 @@ def make_loss_fn(model: torch.nn.Module, tc: TrainerConfig, device: torch.device
     def loss_fn(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             return batch_loss(model, batch, tc.label_smoothing)
-    if not (device.type == "cuda" if tc.compile is None else tc.compile):
+    # sequence batches vary in shape: compiled, they trained at half the eager speed on a CPU
+    if not ((device.type == "cuda" and model.config.mode == "window") if tc.compile is None else tc.compile):
         return loss_fn
     if device.type == "cpu":  # inductor's own CPU random numbers make dropout slower than aten's
         from torch._inductor import config as inductor_config
@@ -388,7 +400,7 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
     if resume:
         checkpoint = load_checkpoint(resume / "last.pt")
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
         generator.set_state(checkpoint["generator"])
         torch.set_rng_state(checkpoint["rng"])

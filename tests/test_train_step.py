@@ -43,6 +43,11 @@ def test_capturable_learning_rate_is_one_tensor_the_schedule_fills():
         schedule.step()
     assert optimizer.param_groups[0]["lr"] is lr  # a CUDA graph keeps reading this tensor
     assert float(lr) == pytest.approx(0.75e-3)
+    saved = optimizer.state_dict()
+    resumed = model_train.make_optimizer(model, tc, torch.device("cpu"), capturable=True)
+    lr = resumed.param_groups[0]["lr"]
+    model_train.load_optimizer_state(resumed, saved)
+    assert resumed.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.75e-3)
 
 
 def test_cuda_graph_switch():
