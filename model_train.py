@@ -254,16 +254,21 @@ def make_loss_fn(model: torch.nn.Module, tc: TrainerConfig, device: torch.device
     return torch.compile(loss_fn, mode=tc.compile_mode)
 
 
+def backward_and_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: Optional[float]) -> None:
+    """Gradients, clipped to grad_clip's global norm where set, then the optimizer step."""
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
+
+
 def train_step(loss_fn: LossFn, optimizer: torch.optim.Optimizer, batch, grad_clip: Optional[float] = None,
                schedule=None) -> tuple[torch.Tensor, torch.Tensor | int]:
     """One optimisation step; returns (loss, targets) without a host sync."""
     torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs; otherwise a no-op
     loss, count = loss_fn(batch)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    optimizer.step()
+    backward_and_update(loss, optimizer, grad_clip)
     if schedule:
         schedule.step()
     return loss.detach(), count
@@ -284,10 +289,7 @@ def capture_step(loss_fn: LossFn, optimizer: torch.optim.Optimizer, example, gra
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss, count = loss_fn(static)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-        optimizer.step()
+        backward_and_update(loss, optimizer, grad_clip)
 
     def replay(batch) -> tuple[torch.Tensor, torch.Tensor | int]:
         for buffer, tensor in zip(static, batch):
