@@ -58,3 +58,11 @@ def test_cuda_graph_switch():
     assert not model_train.uses_cuda_graph(small_config("trainer_config.compile_mode=reduce-overhead"), cuda)
     with pytest.raises(ValueError, match="trainer_config.cuda_graph"):
         model_train.uses_cuda_graph(small_config("trainer_config.cuda_graph=true"), cpu)
+
+
+def test_gradients_are_clipped_before_the_step():
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = (model(torch.full((4, 3), 100.0)) ** 2).sum()
+    model_train.backward_and_update(loss, optimizer, grad_clip=0.5)
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == pytest.approx(0.5)
