@@ -417,7 +417,8 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
     writer = SummaryWriter(str(Path(tc.tensorboard_dir) / tc.run_name))
     logger.info(f"run {tc.run_name} on {device}: {len(train_set):,} training targets, "
                 f"{len(val_set):,} validation targets, "
-                f"{sum(p.numel() for p in model.parameters()):,} parameters")
+                f"{sum(p.numel() for p in model.parameters()):,} parameters"
+                + (", each full batch's step replayed as one CUDA graph" if graphed else ""))
 
     for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
         train_loss, samples_per_s = train_epoch(model, step_fn, schedule, train_set, tc, generator, writer, epoch)
