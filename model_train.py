@@ -346,9 +346,9 @@ def train_epoch(model, step_fn, schedule, dataset, tc: TrainerConfig, generator:
 def validation_loss(model, dataset, batch_size: int) -> float:
     model.eval()
     total = torch.zeros((), device=dataset.device)
+    scorer = model_scorer(model)
     for batch in dataset.batches(batch_size):
-        logits = model_scorer(model)(batch)
-        total += F.cross_entropy(logits, batch.next_movie, reduction="sum")
+        total += F.cross_entropy(scorer(batch), batch.next_movie, reduction="sum")
     return total.item() / max(len(dataset), 1)
 
 

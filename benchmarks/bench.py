@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import (FILES, MovieLensSequenceDataset, detect_format, load_movielens,  # noqa: E402
                   read_ratings, tokenize)
 from eval import model_scorer, rank_all, target_ranks  # noqa: E402
-from model_train import (Config, build_model, load_config, make_loss_fn, make_optimizer,  # noqa: E402
-                         make_schedule, make_step, pick_device, uses_cuda_graph)
+from model_train import (Config, build_model, load_config, make_datasets, make_loss_fn,  # noqa: E402
+                         make_optimizer, make_schedule, make_step, pick_device, uses_cuda_graph)
 
 BATCH = 512
 
@@ -60,9 +60,8 @@ def sync(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_fast(data_dir: Path, cache: bool) -> dict[str, MovieLensSequenceDataset]:
-    data = load_movielens(data_dir, cache=cache)
-    return {s: MovieLensSequenceDataset(data, s) for s in ("train", "validation", "test")}
+def load_fast(config: Config, data_dir: Path, cache: bool) -> dict[str, MovieLensSequenceDataset]:
+    return make_datasets(config, load_movielens(data_dir, cache=cache))
 
 
 def load_post_style(data_dir: Path, sequence_length: int = 5) -> tuple[torch.Tensor, ...]:
@@ -142,8 +141,10 @@ def eval_fast(model, dataset) -> float:
     return len(dataset) / (time.perf_counter() - start)
 
 
-def drop_seen_per_row(top: torch.Tensor, batch, dataset, k: int) -> list[torch.Tensor]:
-    """The post's de-duplication loop: per row, unique-with-counts of top list and history."""
+def drop_seen_per_row(scores: torch.Tensor, batch, dataset, k: int) -> list[torch.Tensor]:
+    """The post's de-duplication loop: a top list long enough to survive it, then per row,
+    unique-with-counts of top list and history."""
+    top = scores.topk(k + int(batch.history_length.max()) + 2, dim=1).indices.cpu()
     kept = []
     for row in range(len(top)):
         seen = dataset.data.history(int(batch.user_ids[row]))[0][:int(batch.history_length[row])]
@@ -155,11 +156,10 @@ def drop_seen_per_row(top: torch.Tensor, batch, dataset, k: int) -> list[torch.T
 @torch.inference_mode()
 def eval_post_style(model, dataset, k: int = 10) -> float:
     """Users/s of the post's evaluation shape: model in batches, then a loop per row."""
+    scorer = model_scorer(model)
     start = time.perf_counter()
     for batch in dataset.batches(512):
-        logits = model(batch.movie_ids, batch.user_ids).float()
-        top = logits.topk(k + int(batch.history_length.max()) + 2, dim=1).indices.cpu()
-        for row, kept in enumerate(drop_seen_per_row(top, batch, dataset, k)):
+        for row, kept in enumerate(drop_seen_per_row(scorer(batch), batch, dataset, k)):
             int((kept == batch.next_movie[row].cpu()).any())
     return len(dataset) / (time.perf_counter() - start)
 
@@ -168,15 +168,14 @@ def eval_post_style(model, dataset, k: int = 10) -> float:
 def ranking_stage(model, dataset, k: int = 10) -> tuple[float, float]:
     """Users/s of exclusion + ranking alone, on the same precomputed scores: (repo, per-row loop)."""
     batches = list(dataset.batches(1024))
-    scores = [model(b.movie_ids, b.user_ids).float() for b in batches]
+    scores = [model_scorer(model)(b) for b in batches]
     start = time.perf_counter()
     for batch, s in zip(batches, scores):
         target_ranks(s, batch.next_movie, dataset.seen_mask(batch))
     fast = len(dataset) / (time.perf_counter() - start)
     start = time.perf_counter()
     for batch, s in zip(batches, scores):
-        top = s.topk(k + int(batch.history_length.max()) + 2, dim=1).indices.cpu()
-        drop_seen_per_row(top, batch, dataset, k)
+        drop_seen_per_row(s, batch, dataset, k)
     return fast, len(dataset) / (time.perf_counter() - start)
 
 
@@ -191,7 +190,7 @@ def memory_probe(data_dir: Path, style: str, config: Config, device: torch.devic
         model = build_model(config, load_movielens(data_dir, cache=False).metadata).to(device)
         train_post_style(model, torch.optim.Adam(model.parameters(), lr=1e-3), dataset, steps, device)
     else:
-        dataset = load_fast(data_dir, cache=True)["train"].to(device)
+        dataset = load_fast(config, data_dir, cache=True)["train"].to(device)
         model = build_model(config, dataset.metadata).to(device)
         train_fast(trainer_step(model, config, dataset, device), dataset, steps, device)
     return peak_rss_of_this_process()
@@ -239,14 +238,14 @@ def main() -> None:
     ours["read_ratings_s"] = median_time(lambda: read_ratings(ratings, sep), args.repeats)
     ref["read_ratings_s"] = median_time(lambda: pd.read_csv(ratings, sep=sep, engine="python", header=None),
                                         max(1, args.repeats - 1), warmup=0)
-    ours["load_s"] = median_time(lambda: load_fast(args.data_dir, cache=False), args.repeats)
-    ours["load_cached_s"] = median_time(lambda: load_fast(args.data_dir, cache=True), args.repeats)
+    ours["load_s"] = median_time(lambda: load_fast(config, args.data_dir, cache=False), args.repeats)
+    ours["load_cached_s"] = median_time(lambda: load_fast(config, args.data_dir, cache=True), args.repeats)
     ref["load_s"] = median_time(lambda: load_post_style(args.data_dir), max(1, args.repeats - 1), warmup=0)
     ref["load_cached_s"] = ref["load_s"]  # the post has no cache
 
-    datasets = load_fast(args.data_dir, cache=True)
+    datasets = load_fast(config, args.data_dir, cache=True)
     train_set = datasets["train"].to(device)
-    cpu_train = datasets["train"] if device.type == "cpu" else load_fast(args.data_dir, True)["train"]
+    cpu_train = datasets["train"] if device.type == "cpu" else load_fast(config, args.data_dir, True)["train"]
     torch.manual_seed(0)
     model = build_model(config, train_set.metadata).to(device)
     step_fn = trainer_step(model, config, train_set, device)
