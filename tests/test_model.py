@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from movielens_transformer import (MovieLensTransformer, MovieLensTransformerConfig, Transformer,
-                                   TransformerConfig)
+                                   TransformerConfig, dropout, explicit_attention)
 
 
 def small_config(**transformer) -> MovieLensTransformerConfig:
@@ -52,3 +52,36 @@ def test_one_batch_overfits():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.05
+
+
+def test_cpu_dropout_drops_a_fraction_p_and_keeps_the_mean():
+    x = torch.ones(100, 2000)
+    torch.manual_seed(1)
+    out = dropout(x, 0.1, True)
+    dropped = (out == 0).float().mean().item()
+    assert 0.097 < dropped < 0.103
+    assert torch.allclose(out[out != 0], torch.tensor(65536 / (65536 - 6554)))
+    assert abs(out.mean().item() - 1) < 0.005
+    assert not torch.equal(out, dropout(x, 0.1, True))
+    torch.manual_seed(1)
+    assert torch.equal(out, dropout(x, 0.1, True))  # torch.manual_seed governs the masks
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+    assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+
+
+def test_explicit_attention_equals_sdpa():
+    q, k, v = torch.randn(3, 2, 3, 5, 8).unbind(0)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(explicit_attention(q, k, v, None, 0.0), expected, atol=1e-6)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril() & torch.tensor([0, 1, 1, 1, 1], dtype=torch.bool) | torch.eye(5, dtype=torch.bool)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(explicit_attention(q, k, v, mask, 0.0), expected, atol=1e-6)
+
+
+def test_training_forward_on_a_cpu_matches_evaluation_when_nothing_is_dropped():
+    """Attention dropout so small that no weight is dropped: training takes the explicit
+    attention path, evaluation SDPA, and both give the same logits."""
+    model = MovieLensTransformer(small_config(embedding_dropout=0.0, attention_dropout=1e-9, residual_dropout=0.0))
+    x, users = torch.randint(0, 50, (4, 5)), torch.tensor([0, 1, 2, 3])
+    trained = model.train()(x, users)
+    assert torch.allclose(trained, model.eval()(x, users), atol=1e-5)

@@ -17,9 +17,10 @@ def small_config(*overrides: str) -> model_train.Config:
 def test_compiled_loss_equals_eager_loss(ml1m_dir):
     data = load_movielens(ml1m_dir, cache=False)
     batch = next(MovieLensSequenceDataset(data, "train").batches(64))
-    config = small_config()
+    config = small_config("trainer_config.batch_size=64")
     model = model_train.build_model(config, data.metadata)
     cpu = torch.device("cpu")
+    config.trainer_config.compile = False
     eager = model_train.make_loss_fn(model, config.trainer_config, cpu)
     config.trainer_config.compile = True
     compiled = model_train.make_loss_fn(model, config.trainer_config, cpu)
@@ -66,3 +67,20 @@ def test_gradients_are_clipped_before_the_step():
     loss = (model(torch.full((4, 3), 100.0)) ** 2).sum()
     model_train.backward_and_update(loss, optimizer, grad_clip=0.5)
     assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == pytest.approx(0.5)
+
+
+def test_without_a_working_compiler_the_cpu_trains_eagerly(monkeypatch, ml1m_dir):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+    model_train.inductor_builds.cache_clear()
+    monkeypatch.setattr(torch, "compile", broken)
+    try:
+        config = small_config()
+        data = load_movielens(ml1m_dir, cache=False)
+        model = model_train.build_model(config, data.metadata)
+        assert not model_train.compiles_by_default(model, torch.device("cpu"))
+        loss, n = model_train.make_loss_fn(model, config.trainer_config, torch.device("cpu"))(
+            next(MovieLensSequenceDataset(data, "train").batches(8)))
+        assert n == 8 and loss > 0
+    finally:
+        model_train.inductor_builds.cache_clear()
