@@ -56,8 +56,10 @@ class TrainerConfig:
     eval_every: int = 1                  # epochs between validation HR/NDCG/MRR@10
     log_every: int = 100                 # steps between training-loss log points
     device: str = "auto"                 # auto: cuda, then mps, then cpu
-    bf16: Optional[bool] = None          # bf16 autocast; null: on for CUDA
-    compile: Optional[bool] = None       # torch.compile the training loss; null: on for CUDA in window mode
+    bf16: Optional[bool] = None          # bf16 autocast; null: on for CUDA, and compiled on a CPU
+                                         # with AVX512-BF16 or AMX
+    compile: Optional[bool] = None       # torch.compile the training loss; null: on in window mode on CUDA
+                                         # and on a CPU with a C++ compiler
     compile_mode: str = "default"        # torch.compile mode: default, reduce-overhead (CUDA graphs), ...
     cuda_graph: Optional[bool] = None    # replay the whole training step as one CUDA graph; null: on
                                          # for CUDA in window mode (sequence batches vary in shape)
@@ -255,26 +257,38 @@ def inductor_builds() -> bool:
         return False
 
 
+def cpu_has_bf16_arithmetic() -> bool:
+    """An x86 CPU with AVX512-BF16 or AMX, as /proc/cpuinfo says (False where there is none)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def make_loss_fn(model: torch.nn.Module, tc: TrainerConfig, device: torch.device) -> LossFn:
     """batch_loss under bf16 autocast where configured, and compiled where configured: the model
-    and the cross-entropy become one graph, so the softmax over all movies fuses with the loss."""
-    bf16 = device.type == "cuda" if tc.bf16 is None else tc.bf16
+    and the cross-entropy become one graph, so the softmax over all movies fuses with the loss.
+    By default bf16 is on for CUDA, and for a compiled loss on a CPU with bf16 arithmetic."""
+    compiled = compiles_by_default(model, device) if tc.compile is None else tc.compile
+    bf16 = (device.type == "cuda" or compiled and device.type == "cpu" and cpu_has_bf16_arithmetic()
+            if tc.bf16 is None else tc.bf16)
 
     def loss_fn(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             return batch_loss(model, batch, tc.label_smoothing)
-    if not (compiles_by_default(model, device) if tc.compile is None else tc.compile):
+    if not compiled:
         return loss_fn
     if device.type == "cpu":
         from torch._inductor import config as inductor_config
         inductor_config.fallback_random = True  # inductor's own CPU random numbers made dropout slower
         # no atomic adds in the embeddings' gradients: with them two runs of one seed differed
         torch.use_deterministic_algorithms(True, warn_only=True)
-    compiled = torch.compile(loss_fn, mode=tc.compile_mode)
+    compiled_fn = torch.compile(loss_fn, mode=tc.compile_mode)
 
     def full_batches_compiled(batch):
         # an epoch's last, smaller batch runs eagerly instead of compiling a second graph for it
-        return compiled(batch) if len(batch.user_ids) == tc.batch_size else loss_fn(batch)
+        return compiled_fn(batch) if len(batch.user_ids) == tc.batch_size else loss_fn(batch)
     return full_batches_compiled
 
 

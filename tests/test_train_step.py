@@ -17,7 +17,7 @@ def small_config(*overrides: str) -> model_train.Config:
 def test_compiled_loss_equals_eager_loss(ml1m_dir):
     data = load_movielens(ml1m_dir, cache=False)
     batch = next(MovieLensSequenceDataset(data, "train").batches(64))
-    config = small_config("trainer_config.batch_size=64")
+    config = small_config("trainer_config.batch_size=64", "trainer_config.bf16=false")
     model = model_train.build_model(config, data.metadata)
     cpu = torch.device("cpu")
     config.trainer_config.compile = False
