@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=100)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override training_config.yaml for the repo's path, e.g. trainer_config.compile=true")
+                        help="override training_config.yaml for the repo's path, e.g. trainer_config.bf16=false")
     parser.add_argument("--memory-probe", choices=("fast", "post"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = pick_device(args.device)
