@@ -73,7 +73,8 @@ def test_explicit_attention_equals_sdpa():
     q, k, v = torch.randn(3, 2, 3, 5, 8).unbind(0)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.allclose(explicit_attention(q, k, v, None, 0.0), expected, atol=1e-6)
-    mask = torch.ones(5, 5, dtype=torch.bool).tril() & torch.tensor([0, 1, 1, 1, 1], dtype=torch.bool) | torch.eye(5, dtype=torch.bool)
+    causal, eye = torch.ones(5, 5, dtype=torch.bool).tril(), torch.eye(5, dtype=torch.bool)
+    mask = causal & torch.tensor([0, 1, 1, 1, 1], dtype=torch.bool) | eye  # the first position is padding
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.allclose(explicit_attention(q, k, v, mask, 0.0), expected, atol=1e-6)
 
