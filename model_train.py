@@ -240,6 +240,11 @@ def batch_loss(model, batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]
 
 
+def is_full(batch, tc: TrainerConfig) -> bool:
+    """A batch of batch_size rows: the one shape that is compiled and captured as a CUDA graph."""
+    return len(batch.user_ids) == tc.batch_size
+
+
 def compiles_by_default(model: torch.nn.Module, device: torch.device) -> bool:
     """torch.compile by default: in window mode (sequence batches vary in shape, and compiled they
     trained at half the eager speed on a CPU), on CUDA, and on a CPU where inductor can build kernels."""
@@ -288,7 +293,7 @@ def make_loss_fn(model: torch.nn.Module, tc: TrainerConfig, device: torch.device
 
     def full_batches_compiled(batch):
         # an epoch's last, smaller batch runs eagerly instead of compiling a second graph for it
-        return compiled_fn(batch) if len(batch.user_ids) == tc.batch_size else loss_fn(batch)
+        return compiled_fn(batch) if is_full(batch, tc) else loss_fn(batch)
     return full_batches_compiled
 
 
@@ -349,7 +354,7 @@ def make_step(loss_fn: LossFn, optimizer: torch.optim.Optimizer, schedule, tc: T
 
     def step(batch):
         nonlocal replay
-        if len(batch.user_ids) != tc.batch_size or not optimizer.state:
+        if not is_full(batch, tc) or not optimizer.state:
             return eager(batch)
         replay = replay or capture_step(loss_fn, optimizer, batch, tc.grad_clip)
         out = replay(batch)

@@ -41,11 +41,16 @@ class MovieLensTransformerConfig:
     init: str = "post"                    # "post": uniform +-0.1; "normal": N(0, 0.02)
 
 
+def packs_masks(x: torch.Tensor, p: float, training: bool) -> bool:
+    """Whether dropout() cuts its own masks for x: training, on a CPU, 0 < p < 1."""
+    return training and x.device.type == "cpu" and 0.0 < p < 1.0
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """F.dropout, but on a CPU with masks cut from 64-bit random numbers, four 16-bit draws each:
     aten's CPU dropout draws one 32-bit number an element (~5 ns; 4.8 ms of a 21 ms compiled
     training step on 2 cores). The drop probability is p rounded to a multiple of 1/65536."""
-    if not training or x.device.type != "cpu" or not 0.0 < p < 1.0:
+    if not packs_masks(x, p, training):
         return F.dropout(x, p, training)
     n, threshold = x.numel(), min(round(p * 65536), 65535)
     bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
@@ -84,7 +89,7 @@ class CausalMultiHeadAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)
                    for z in self.qkv(x).split(d, dim=2))
-        if self.training and self.attention_dropout and x.device.type == "cpu":  # SDPA's dropout is aten's
+        if packs_masks(x, self.attention_dropout, self.training):  # SDPA would drop with aten's masks
             y = explicit_attention(q, k, v, attention_mask, self.attention_dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
