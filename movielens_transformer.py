@@ -9,6 +9,7 @@ movie after that position; prediction uses the last position.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -63,14 +64,33 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+# Measured, a compiled CPU training step (torch 2.13): broadcast sums 7-13% faster at 4 to 7 positions,
+# 9-13x slower at 8, 16 and 32 (inductor's kernels for them are poor).
+BROADCAST_MAX_POSITIONS = 7
+
+
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                        dropout_p: float) -> torch.Tensor:
-    """Causal softmax attention written out, so that its weights go through dropout() above."""
+    """Causal softmax attention written out, so that its weights go through dropout() above.
+
+    Compiled over a short window, the two products are broadcast sums that inductor fuses with
+    the softmax and the masks, instead of thousands of tiny batched GEMMs (5x8 by 8x5 in the
+    post's model); eagerly, and over long windows, they stay matmuls."""
+    t = q.shape[-2]
     if mask is None:
-        t = q.shape[-2]
         mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    return dropout(scores.masked_fill(~mask, float("-inf")).softmax(-1), dropout_p, True) @ v
+    broadcast = torch.compiler.is_compiling() and t <= BROADCAST_MAX_POSITIONS
+    scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if broadcast else q @ k.transpose(-2, -1)
+    weights = dropout((scores * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1), dropout_p, True)
+    return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if broadcast else weights @ v
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (the post's). Compiled for a CPU it is written as x * sigmoid(2z),
+    the same function: inductor's vectorised exp is several times faster there than its tanh."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
 
 
 class CausalMultiHeadAttention(nn.Module):
@@ -106,7 +126,7 @@ class MLP(nn.Module):
         self.dropout = Dropout(config.residual_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.dropout(self.proj(gelu(self.fc(x))))
 
 
 class TransformerEncoderLayer(nn.Module):

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from movielens_transformer import (MovieLensTransformer, MovieLensTransformerConfig, Transformer,
-                                   TransformerConfig, dropout, explicit_attention)
+                                   TransformerConfig, dropout, explicit_attention, gelu)
 
 
 def small_config(**transformer) -> MovieLensTransformerConfig:
@@ -69,14 +69,30 @@ def test_cpu_dropout_drops_a_fraction_p_and_keeps_the_mean():
     assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
 
 
-def test_explicit_attention_equals_sdpa():
-    q, k, v = torch.randn(3, 2, 3, 5, 8).unbind(0)
-    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert torch.allclose(explicit_attention(q, k, v, None, 0.0), expected, atol=1e-6)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_explicit_attention_equals_sdpa(compiled):
+    """Eagerly the products are matmuls; compiled over a short window, broadcast sums: either way
+    the values and gradients of SDPA."""
+    attention = torch.compile(explicit_attention) if compiled else explicit_attention
     causal, eye = torch.ones(5, 5, dtype=torch.bool).tril(), torch.eye(5, dtype=torch.bool)
-    mask = causal & torch.tensor([0, 1, 1, 1, 1], dtype=torch.bool) | eye  # the first position is padding
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert torch.allclose(explicit_attention(q, k, v, mask, 0.0), expected, atol=1e-6)
+    padded = causal & torch.tensor([0, 1, 1, 1, 1], dtype=torch.bool) | eye  # the first position is padding
+    for mask in (None, padded):
+        qkv = torch.randn(3, 2, 3, 5, 8, requires_grad=True)
+        expected = F.scaled_dot_product_attention(*qkv, attn_mask=mask, is_causal=mask is None)
+        out = attention(*qkv, mask, 0.0)
+        assert torch.allclose(out, expected, atol=1e-6)
+        weights = torch.randn_like(out)
+        grad, expected_grad = (torch.autograd.grad((y * weights).sum(), qkv)[0] for y in (out, expected))
+        assert torch.allclose(grad, expected_grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gelu_is_the_tanh_approximation(compiled):
+    x = torch.linspace(-12, 12, 4001, requires_grad=True)
+    y, expected = (torch.compile(gelu) if compiled else gelu)(x), F.gelu(x, approximate="tanh")
+    assert torch.allclose(y, expected, atol=1e-6)
+    grad, expected_grad = (torch.autograd.grad(z.sum(), x)[0] for z in (y, expected))
+    assert torch.allclose(grad, expected_grad, atol=1e-5)
 
 
 def test_training_forward_on_a_cpu_matches_evaluation_when_nothing_is_dropped():
