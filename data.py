@@ -432,8 +432,10 @@ def seen_mask(data: MovieLensData, batch: Batch, exclude: str = "history") -> to
         raise ValueError(f"exclude must be 'history' or 'window', got {exclude!r}")
     counts = batch.history_length
     rows = torch.repeat_interleave(torch.arange(b, device=device), counts)
-    rank = torch.arange(len(rows), device=device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    mask[rows, data.sequence[data.offsets[batch.user_ids][rows] + 1 + rank]] = True
+    # a row's history starts at its user's first slot; less the entries of the rows before it
+    shift = data.offsets[batch.user_ids] + 1 - (torch.cumsum(counts, 0) - counts)
+    tokens = data.sequence[torch.arange(len(rows), device=device) + shift[rows]]
+    mask.view(-1)[rows * mask.shape[1] + tokens] = True
     return mask
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data import (ChunkBatch, DatasetMetadata, MovieLensSequenceDataset, SequenceChunks, ensure_movielens,
                   load_movielens)
-from eval import evaluate, model_scorer
+from eval import Scorer, evaluate, model_scorer
 from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -58,7 +58,7 @@ class TrainerConfig:
     device: str = "auto"                 # auto: cuda, then mps, then cpu
     bf16: Optional[bool] = None          # bf16 autocast; null: on for CUDA, and compiled on a CPU
                                          # with AVX512-BF16 or AMX
-    compile: Optional[bool] = None       # torch.compile the training loss; null: on in window mode on CUDA
+    compile: Optional[bool] = None       # torch.compile the training loss and validation; null: on in window mode on CUDA
                                          # and on a CPU with a C++ compiler
     compile_mode: str = "default"        # torch.compile mode: default, reduce-overhead (CUDA graphs), ...
     cuda_graph: Optional[bool] = None    # replay the whole training step as one CUDA graph; null: on
@@ -271,11 +271,16 @@ def cpu_has_bf16_arithmetic() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def compiles(model: torch.nn.Module, tc: TrainerConfig, device: torch.device) -> bool:
+    """Whether training's loss and validation are compiled: trainer_config.compile, or its default."""
+    return compiles_by_default(model, device) if tc.compile is None else tc.compile
+
+
 def make_loss_fn(model: torch.nn.Module, tc: TrainerConfig, device: torch.device) -> LossFn:
     """batch_loss under bf16 autocast where configured, and compiled where configured: the model
     and the cross-entropy become one graph, so the softmax over all movies fuses with the loss.
     By default bf16 is on for CUDA, and for a compiled loss on a CPU with bf16 arithmetic."""
-    compiled = compiles_by_default(model, device) if tc.compile is None else tc.compile
+    compiled = compiles(model, tc, device)
     bf16 = (device.type == "cuda" or compiled and device.type == "cpu" and cpu_has_bf16_arithmetic()
             if tc.bf16 is None else tc.bf16)
 
@@ -386,10 +391,8 @@ def train_epoch(model, step_fn, schedule, dataset, tc: TrainerConfig, generator:
 
 
 @torch.inference_mode()
-def validation_loss(model, dataset, batch_size: int) -> float:
-    model.eval()
+def validation_loss(scorer: Scorer, dataset, batch_size: int) -> float:
     total = torch.zeros((), device=dataset.device)
-    scorer = model_scorer(model)
     for batch in dataset.batches(batch_size):
         total += F.cross_entropy(scorer(batch), batch.next_movie, reduction="sum")
     return total.item() / max(len(dataset), 1)
@@ -440,6 +443,8 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
     optimizer = make_optimizer(model, tc, device, capturable=graphed)
     schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size))
     step_fn = make_step(make_loss_fn(model, tc, device), optimizer, schedule, tc, graphed)
+    compiled = compiles(model, tc, device)
+    scorer = model_scorer(model, compiled)
     generator = torch.Generator().manual_seed(tc.seed)
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
     if resume:
@@ -465,12 +470,13 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
 
     for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
         train_loss, samples_per_s = train_epoch(model, step_fn, schedule, train_set, tc, generator, writer, epoch)
-        val_loss = validation_loss(model, val_set, tc.eval_batch_size)
+        model.eval()
+        val_loss = validation_loss(scorer, val_set, tc.eval_batch_size)
         scalars = {"loss/train": train_loss, "loss/validation": val_loss,
                    "lr": float(optimizer.param_groups[0]["lr"]), "throughput/samples_per_s": samples_per_s}
         improved = False
         if epoch % tc.eval_every == 0 or epoch == tc.num_epochs:
-            metrics = evaluate(model_scorer(model), val_set, ks=(10,), batch_size=tc.eval_batch_size)
+            metrics = evaluate(scorer, val_set, ks=(10,), batch_size=tc.eval_batch_size, compiled=compiled)
             scalars.update({f"metrics/validation/{k}": metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
             improved = metrics["ndcg@10"] > state["best_ndcg"]
             state["best_ndcg"] = max(state["best_ndcg"], metrics["ndcg@10"])

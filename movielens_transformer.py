@@ -69,6 +69,11 @@ class Dropout(nn.Dropout):
 BROADCAST_MAX_POSITIONS = 7
 
 
+def broadcasts(t: int, device: torch.device) -> bool:
+    """Whether attention over t positions is written as broadcast sums: compiled for a CPU, t short."""
+    return torch.compiler.is_compiling() and device.type == "cpu" and t <= BROADCAST_MAX_POSITIONS
+
+
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                        dropout_p: float) -> torch.Tensor:
     """Causal softmax attention written out, so that its weights go through dropout() above.
@@ -79,7 +84,7 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     t = q.shape[-2]
     if mask is None:
         mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    broadcast = torch.compiler.is_compiling() and t <= BROADCAST_MAX_POSITIONS
+    broadcast = broadcasts(t, q.device)
     scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if broadcast else q @ k.transpose(-2, -1)
     weights = dropout((scores * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1), dropout_p, True)
     return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if broadcast else weights @ v
@@ -109,8 +114,9 @@ class CausalMultiHeadAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)
                    for z in self.qkv(x).split(d, dim=2))
-        if packs_masks(x, self.attention_dropout, self.training):  # SDPA would drop with aten's masks
-            y = explicit_attention(q, k, v, attention_mask, self.attention_dropout)
+        # written out where SDPA would drop with aten's masks, or where inductor fuses it
+        if packs_masks(x, self.attention_dropout, self.training) or broadcasts(t, x.device):
+            y = explicit_attention(q, k, v, attention_mask, self.attention_dropout if self.training else 0.0)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
                                                dropout_p=self.attention_dropout if self.training else 0.0)

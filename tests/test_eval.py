@@ -7,6 +7,7 @@ from sklearn.metrics import ndcg_score
 
 import data
 import eval as evaluation
+from model_train import build_model, load_config
 
 
 def test_ranks_exclude_and_break_ties_by_token():
@@ -76,3 +77,18 @@ def test_batched_evaluation_equals_row_by_row(ml1m_dir):
         order = [t for t in torch.argsort(table[u], descending=True, stable=True).tolist() if t not in seen]
         assert ranks[i] == order.index(int(test.next_movie[i]))
         assert top[i].tolist() == order[:5]
+
+
+def test_compiled_ranks_equal_eager_ranks(ml1m_dir):
+    """The trainer's compiled validation ranks as target_ranks does, ties included, at any batch size."""
+    movielens = data.load_movielens(ml1m_dir)
+    test = data.MovieLensSequenceDataset(movielens, "test", 5)
+    popularity = evaluation.constant_scorer(evaluation.popularity_baselines(test)["most-rated"])  # many ties
+    torch.manual_seed(0)
+    model = build_model(load_config(), movielens.metadata).eval()
+    for scorer, compiled_scorer in ((popularity, popularity), (evaluation.model_scorer(model),
+                                                              evaluation.model_scorer(model, compiled=True))):
+        for batch_size in (64, 100):  # both leave a short last batch
+            eager, _ = evaluation.rank_all(scorer, test, batch_size=batch_size)
+            compiled, _ = evaluation.rank_all(compiled_scorer, test, batch_size=batch_size, compiled=True)
+            assert torch.equal(eager, compiled)
