@@ -10,6 +10,7 @@ better NDCG@10.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import math
 import os
@@ -276,6 +277,22 @@ def compiles(model: torch.nn.Module, tc: TrainerConfig, device: torch.device) ->
     return compiles_by_default(model, device) if tc.compile is None else tc.compile
 
 
+def keep_freed_memory() -> None:
+    """Where the C library is glibc, serve allocations under 1 GiB from the heap and keep freed
+    memory for reuse. By default glibc gave the evaluation's large buffers (a batch's [1024, 3,885]
+    scores: 16 MB) back to the kernel and took them anew: 10,400 page faults a compiled pass over
+    ML-1M's 6,040 users, 61 ms against 51 ms without them. Called once at a program's start;
+    without glibc it does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    for option in (m_trim_threshold, m_mmap_threshold):
+        mallopt(option, 1 << 30)
+
+
 def make_loss_fn(model: torch.nn.Module, tc: TrainerConfig, device: torch.device) -> LossFn:
     """batch_loss under bf16 autocast where configured, and compiled where configured: the model
     and the cross-entropy become one graph, so the softmax over all movies fuses with the loss.
@@ -504,6 +521,7 @@ def train(config: Config, resume: Optional[Path] = None, data=None) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config")
     parser.add_argument("--set", dest="overrides", action="append", default=[],

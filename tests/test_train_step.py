@@ -84,3 +84,20 @@ def test_without_a_working_compiler_the_cpu_trains_eagerly(monkeypatch, ml1m_dir
         assert n == 8 and loss > 0
     finally:
         model_train.inductor_builds.cache_clear()
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_and_is_a_no_op_elsewhere(monkeypatch):
+    calls = []
+
+    class Glibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+    monkeypatch.setattr(model_train.ctypes, "CDLL", lambda name: Glibc())
+    model_train.keep_freed_memory()
+    assert sorted(calls) == [(-3, 1 << 30), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(model_train.ctypes, "CDLL", no_glibc)
+    model_train.keep_freed_memory()  # nothing to set, no error
