@@ -90,7 +90,8 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, fl
 
 @torch.inference_mode()
 def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "history",
-             batch_size: int = 1024, top: int = 0, compiled: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+             batch_size: int = 1024, top: int = 0,
+             compiled: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Ranks of every target in dataset, and the top-`top` tokens per target when top > 0;
     compiled: ranked by compiled_target_ranks()."""
     rank = compiled_target_ranks() if compiled else target_ranks

@@ -59,8 +59,8 @@ class TrainerConfig:
     device: str = "auto"                 # auto: cuda, then mps, then cpu
     bf16: Optional[bool] = None          # bf16 autocast; null: on for CUDA, and compiled on a CPU
                                          # with AVX512-BF16 or AMX
-    compile: Optional[bool] = None       # torch.compile the training loss and validation; null: on in window mode on CUDA
-                                         # and on a CPU with a C++ compiler
+    compile: Optional[bool] = None       # torch.compile the training loss and validation; null: on
+                                         # in window mode on CUDA and on a CPU with a C++ compiler
     compile_mode: str = "default"        # torch.compile mode: default, reduce-overhead (CUDA graphs), ...
     cuda_graph: Optional[bool] = None    # replay the whole training step as one CUDA graph; null: on
                                          # for CUDA in window mode (sequence batches vary in shape)

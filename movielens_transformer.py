@@ -86,7 +86,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     broadcast = broadcasts(t, q.device)
     scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if broadcast else q @ k.transpose(-2, -1)
-    weights = dropout((scores * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1), dropout_p, True)
+    weights = (scores * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+    weights = dropout(weights, dropout_p, True)
     return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if broadcast else weights @ v
 
 

@@ -32,7 +32,8 @@ from data import (FILES, MovieLensSequenceDataset, detect_format, load_movielens
                   read_ratings, tokenize)
 from eval import Scorer, compiled_target_ranks, model_scorer, rank_all, target_ranks  # noqa: E402
 from model_train import (Config, build_model, compiles, keep_freed_memory, load_config,  # noqa: E402
-                         make_datasets, make_loss_fn, make_optimizer, make_schedule, make_step, pick_device, uses_cuda_graph)
+                         make_datasets, make_loss_fn, make_optimizer, make_schedule, make_step, pick_device,
+                         uses_cuda_graph)
 
 BATCH = 512
 
