@@ -66,9 +66,16 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Te
     return torch.where(excluded.gather(1, targets[:, None])[:, 0] != 0, scores.shape[1], rank)
 
 
+Ranker = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ranker(compiled: bool) -> Ranker:
+    """target_ranks, or when compiled one fused pass over the scores instead of one per operation."""
+    return compiled_target_ranks() if compiled else target_ranks
+
+
 @functools.cache
-def compiled_target_ranks() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """target_ranks as one fused pass over the scores instead of one pass per operation."""
+def compiled_target_ranks() -> Ranker:
     ranks = torch.compile(target_ranks, dynamic=True)
     # viewed outside the graph: inside, inductor made the bool-to-uint8 view a slow copy
     return lambda scores, targets, excluded: ranks(scores, targets, excluded.view(torch.uint8))
@@ -93,8 +100,8 @@ def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "
              batch_size: int = 1024, top: int = 0,
              compiled: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Ranks of every target in dataset, and the top-`top` tokens per target when top > 0;
-    compiled: ranked by compiled_target_ranks()."""
-    rank = compiled_target_ranks() if compiled else target_ranks
+    compiled: ranked in one fused pass a batch."""
+    rank = ranker(compiled)
     ranks, tops = [], []
     for batch in dataset.batches(batch_size):
         excluded = dataset.seen_mask(batch, exclude)

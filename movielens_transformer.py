@@ -69,9 +69,14 @@ class Dropout(nn.Dropout):
 BROADCAST_MAX_POSITIONS = 7
 
 
+def compiling_for_cpu(device: torch.device) -> bool:
+    """Whether inductor is compiling this for a CPU, where the forms below suit its kernels better."""
+    return torch.compiler.is_compiling() and device.type == "cpu"
+
+
 def broadcasts(t: int, device: torch.device) -> bool:
     """Whether attention over t positions is written as broadcast sums: compiled for a CPU, t short."""
-    return torch.compiler.is_compiling() and device.type == "cpu" and t <= BROADCAST_MAX_POSITIONS
+    return compiling_for_cpu(device) and t <= BROADCAST_MAX_POSITIONS
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -94,7 +99,7 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation (the post's). Compiled for a CPU it is written as x * sigmoid(2z),
     the same function: inductor's vectorised exp is several times faster there than its tanh."""
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
+    if compiling_for_cpu(x.device):
         return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
     return F.gelu(x, approximate="tanh")
 

@@ -2,12 +2,13 @@
 
     python benchmarks/bench.py --data-dir ../shared/data/ml-1m [--device cpu|cuda] [--json OUT]
 
-Stages: reading ratings alone, loading (read + tokenize + order + split + windows; cold and from the cache), training
-throughput of the default (post's) model at batch 512, full-ranking leave-one-out evaluation with
-history excluded (the trainer's validation path, compiled where its training is: eval_first_s is
-the first pass, compilation included), and the peak memory of a training process. The post-style path uses pandas'
-python-engine read, per-user Python window building, a DataLoader over __getitem__, and a per-row
-filtering loop in evaluation. Ratios are the claims: absolute times vary with the machine's load.
+Stages: reading ratings alone, loading (read + tokenize + order + split + windows; cold and from
+the cache), training throughput of the default (post's) model at batch 512, full-ranking
+leave-one-out evaluation with history excluded (the trainer's validation path, compiled where its
+training is: eval_first_s is the first pass, compilation included), and the peak memory of a
+training process. The post-style path uses pandas' python-engine read, per-user Python window
+building, a DataLoader over __getitem__, and a per-row filtering loop in evaluation. Ratios are
+the claims: absolute times vary with the machine's load.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import (FILES, MovieLensSequenceDataset, detect_format, load_movielens,  # noqa: E402
                   read_ratings, tokenize)
-from eval import Scorer, compiled_target_ranks, model_scorer, rank_all, target_ranks  # noqa: E402
+from eval import Scorer, model_scorer, rank_all, ranker  # noqa: E402
 from model_train import (Config, build_model, compiles, keep_freed_memory, load_config,  # noqa: E402
                          make_datasets, make_loss_fn, make_optimizer, make_schedule, make_step, pick_device,
                          uses_cuda_graph)
@@ -174,7 +175,7 @@ def ranking_stage(model, dataset, compiled: bool, k: int = 10) -> tuple[float, f
     """Users/s of exclusion + ranking alone, on the same precomputed scores: (repo, per-row loop)."""
     batches = list(dataset.batches(1024))
     scores = [model_scorer(model)(b) for b in batches]
-    rank = compiled_target_ranks() if compiled else target_ranks
+    rank = ranker(compiled)
     start = time.perf_counter()
     for batch, s in zip(batches, scores):
         rank(s, batch.next_movie, dataset.seen_mask(batch))
@@ -283,7 +284,8 @@ def main() -> None:
     ours["peak_rss_mb"] = peak_rss(args.data_dir, "fast", args.device, args.train_steps, args.overrides)
     ref["peak_rss_mb"] = peak_rss(args.data_dir, "post", args.device, args.train_steps, args.overrides)
 
-    lower_is_better = {"read_ratings_s", "load_s", "load_cached_s", "train_epoch_s", "eval_first_s", "peak_rss_mb"}
+    lower_is_better = {"read_ratings_s", "load_s", "load_cached_s", "train_epoch_s", "eval_first_s",
+                       "peak_rss_mb"}
     ratios = {k: (ref[k] / ours[k] if k in lower_is_better else ours[k] / ref[k]) for k in ours}
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(f"{args.data_dir} on {name}; ratio = how many times better than the post-style path")
