@@ -120,12 +120,13 @@ class CausalMultiHeadAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)
                    for z in self.qkv(x).split(d, dim=2))
+        p = self.attention_dropout if self.training else 0.0
         # written out where SDPA would drop with aten's masks, or where inductor fuses it
-        if packs_masks(x, self.attention_dropout, self.training) or broadcasts(t, x.device):
-            y = explicit_attention(q, k, v, attention_mask, self.attention_dropout if self.training else 0.0)
+        if packs_masks(x, p, self.training) or broadcasts(t, x.device):
+            y = explicit_attention(q, k, v, attention_mask, p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
-                                               dropout_p=self.attention_dropout if self.training else 0.0)
+                                               dropout_p=p)
         return self.residual_dropout(self.out(y.transpose(1, 2).reshape(b, t, d)))
 
 

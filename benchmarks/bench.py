@@ -174,7 +174,8 @@ def eval_post_style(model, dataset, k: int = 10) -> float:
 def ranking_stage(model, dataset, compiled: bool, k: int = 10) -> tuple[float, float]:
     """Users/s of exclusion + ranking alone, on the same precomputed scores: (repo, per-row loop)."""
     batches = list(dataset.batches(1024))
-    scores = [model_scorer(model)(b) for b in batches]
+    scorer = model_scorer(model)
+    scores = [scorer(b) for b in batches]
     rank = ranker(compiled)
     start = time.perf_counter()
     for batch, s in zip(batches, scores):
