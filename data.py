@@ -8,7 +8,7 @@ Order: each user's ratings are ordered by (timestamp, line in the ratings file),
 ratings given in the same second keep the order of the file.
 
 Positions: user u's sequence is [SOS, m_0, ..., m_{n-1}, EOS]. A sample is (u, p): its target is
-the token at position p (1 <= p <= n + 1), its input the `sequence_length` tokens before p,
+the token at position p (1 <= p <= n + 1), its input the `context_window_size` tokens before p,
 left-padded with SOS, and its history the p - 1 movies before the target.
 """
 from __future__ import annotations
@@ -367,14 +367,15 @@ def last_training_position(lengths: np.ndarray) -> np.ndarray:
     return np.where(lengths >= 3, lengths - 2, lengths)
 
 
-def window_index(offsets: np.ndarray, user: np.ndarray, before: np.ndarray, length: int) -> np.ndarray:
-    """Flat sequence slots [N, length] of the tokens just before position `before` of each user,
+def window_index(offsets: np.ndarray, user: np.ndarray, before: np.ndarray, context_window_size: int) -> np.ndarray:
+    """Flat sequence slots [N, context_window_size] of the tokens just before position `before` of each user,
     left-padded with the user's SOS."""
-    return offsets[user][:, None] + np.maximum(before[:, None] - length + np.arange(length), 0)
+    c = context_window_size
+    return offsets[user][:, None] + np.maximum(before[:, None] - c + np.arange(c), 0)
 
 
-def split_positions(data: MovieLensData, split: str, subset: str, sequence_length: int,
-                    window_size: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_positions(data: MovieLensData, split: str, subset: str, context_window_size: int,
+                    window_stride: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The (user, target position) pairs of one subset of a split.
 
     leave_one_out: per user with at least 3 ratings the last is the test target, the one
@@ -394,9 +395,9 @@ def split_positions(data: MovieLensData, split: str, subset: str, sequence_lengt
         if subset != "train":
             p = n - (subset == "validation")
             return users[held_out], p[held_out]
-        return _regular_positions(users, np.full_like(n, sequence_length), last_training_position(n),
-                                  window_size)
-    user, p = _regular_positions(users, np.full_like(n, sequence_length), n + 1, window_size)
+        return _regular_positions(users, np.full_like(n, context_window_size), last_training_position(n),
+                                  window_stride)
+    user, p = _regular_positions(users, np.full_like(n, context_window_size), n + 1, window_stride)
     in_train = np.random.default_rng(seed).random(len(user)) < 0.9
     if subset == "train":
         return user[in_train], p[in_train]
@@ -407,12 +408,28 @@ def split_positions(data: MovieLensData, split: str, subset: str, sequence_lengt
 # ----------------------------------------------------------------------------- datasets
 
 class Batch(NamedTuple):
-    movie_ids: torch.Tensor      # [B, L] input window
-    ratings: torch.Tensor        # [B, L]
+    """Next-movie windows, one target each: what the window mode trains on and every scorer ranks."""
+
+    movie_ids: torch.Tensor      # [B, T] input window
+    ratings: torch.Tensor        # [B, T]
     user_ids: torch.Tensor       # [B]
     next_movie: torch.Tensor     # [B] target
     next_rating: torch.Tensor    # [B]
     history_length: torch.Tensor  # [B] movies the user rated before the target
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        """Bool [B, T]: True where a window position lies before the user's SOS (left padding)."""
+        t = self.movie_ids.shape[1]
+        real = (self.history_length + 1).clamp(max=t)  # the movies before the target, and SOS
+        return torch.arange(t, device=real.device)[None, :] < (t - real)[:, None]
+
+    def logits_and_targets(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits for each window's next movie, and that movie."""
+        return model(self.movie_ids, self.user_ids, self.padding_mask), self.next_movie
+
+    def num_targets(self) -> int:
+        return len(self.next_movie)
 
 
 def seen_mask(data: MovieLensData, batch: Batch, exclude: str = "history") -> torch.Tensor:
@@ -439,23 +456,17 @@ def seen_mask(data: MovieLensData, batch: Batch, exclude: str = "history") -> to
     return mask
 
 
-def latest_windows(data: MovieLensData, users: torch.Tensor, length: int) -> Batch:
+def latest_windows(data: MovieLensData, users: torch.Tensor, context_window_size: int) -> Batch:
     """Windows that end with each user's last rating, to recommend what comes next.
 
     The target slot holds EOS: the next movie is unknown.
     """
     n = data.lengths[users]
-    index = torch.from_numpy(window_index(data.offsets.numpy(), users.numpy(), n.numpy() + 1, length))
+    index = torch.from_numpy(window_index(data.offsets.numpy(), users.numpy(), n.numpy() + 1,
+                                          context_window_size))
     eos = torch.full_like(users, data.metadata.eos)
     return Batch(data.sequence[index], data.sequence_ratings[index], users, eos,
                  torch.zeros_like(users), n)
-
-
-def window_padding(batch: Batch) -> torch.Tensor:
-    """Bool [B, L]: True where a window position lies before the user's SOS (left padding)."""
-    length = batch.movie_ids.shape[1]
-    real = (batch.history_length + 1).clamp(max=length)  # the movies before the target, and SOS
-    return torch.arange(length, device=real.device)[None, :] < (length - real)[:, None]
 
 
 class MovieLensSequenceDataset(Dataset):
@@ -466,19 +477,21 @@ class MovieLensSequenceDataset(Dataset):
     may already sit on the training device.
     """
 
+    fixed_batch_shapes = True  # every full batch has one shape: it can be compiled and CUDA-graphed
+
     def __init__(self, data: MovieLensData | str | Path, subset: str = "train",
-                 sequence_length: int = 5, window_size: int = 1,
+                 context_window_size: int = 5, window_stride: int = 1,
                  split: str = "leave_one_out", seed: int = 0):
         if not isinstance(data, MovieLensData):
             data = load_movielens(data)
-        if sequence_length < 1 or window_size < 1:
-            raise ValueError("sequence_length and window_size must be at least 1")
+        if context_window_size < 1 or window_stride < 1:
+            raise ValueError("context_window_size and window_stride must be at least 1")
         self.data, self.subset, self.split = data, subset, split
         self.metadata = data.metadata
-        self.sequence_length, self.window_size, self.seed = sequence_length, window_size, seed
-        user, position = split_positions(data, split, subset, sequence_length, window_size, seed)
+        self.context_window_size, self.window_stride, self.seed = context_window_size, window_stride, seed
+        user, position = split_positions(data, split, subset, context_window_size, window_stride, seed)
         start = data.offsets.numpy()[user]
-        index = window_index(data.offsets.numpy(), user, position, sequence_length)
+        index = window_index(data.offsets.numpy(), user, position, context_window_size)
         self.movie_ids = torch.from_numpy(data.sequence.numpy()[index])
         self.ratings = torch.from_numpy(data.sequence_ratings.numpy()[index])
         self.user_ids = torch.from_numpy(user)
@@ -535,7 +548,7 @@ class MovieLensSequenceDataset(Dataset):
         users = np.arange(len(d.lengths))
         n = d.lengths.numpy()
         held = np.concatenate([d.offsets.numpy()[u] + p for u, p in (
-            split_positions(d, self.split, subset, self.sequence_length, self.window_size, self.seed)
+            split_positions(d, self.split, subset, self.context_window_size, self.window_stride, self.seed)
             for subset in ("validation", "test"))])
         user, p = _regular_positions(users, np.ones_like(n), n, 1)
         keep = ~np.isin(d.offsets.numpy()[user] + p, held)
@@ -548,16 +561,26 @@ class MovieLensSequenceDataset(Dataset):
 
 
 class ChunkBatch(NamedTuple):
-    movie_ids: torch.Tensor     # [B, C] inputs, left-padded
+    """Chunks of users' histories, a target at every position: what the sequence mode trains on."""
+
+    movie_ids: torch.Tensor     # [B, T] inputs, left-padded
     user_ids: torch.Tensor      # [B]
-    targets: torch.Tensor       # [B, C] the movie after each input position
-    loss_mask: torch.Tensor     # [B, C] positions whose target this chunk trains on
-    padding_mask: torch.Tensor  # [B, C] positions before the user's SOS
+    targets: torch.Tensor       # [B, T] the movie after each input position
+    loss_mask: torch.Tensor     # [B, T] positions whose target this chunk trains on
+    padding_mask: torch.Tensor  # [B, T] positions before the user's SOS
+
+    def logits_and_targets(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits at every trained position, and the movie that follows each."""
+        return (model.sequence_logits(self.movie_ids, self.user_ids, self.padding_mask, self.loss_mask),
+                self.targets[self.loss_mask])
+
+    def num_targets(self) -> torch.Tensor:
+        return self.loss_mask.sum()  # a tensor: counting needs no host copy
 
 
 class SequenceChunks:
     """Training data of the `sequence` mode: each user's training history as chunks of at most
-    `context` inputs, trained to predict the next movie at every position.
+    `context_window_size` inputs, trained to predict the next movie at every position.
 
     Histories longer than the context are cut into chunks whose boundaries are drawn afresh
     each epoch; every training target is trained on exactly once per epoch, each with the full
@@ -565,10 +588,13 @@ class SequenceChunks:
     test targets are never inputs or targets here.
     """
 
-    def __init__(self, data: MovieLensData, context: int, split: str = "leave_one_out"):
+    fixed_batch_shapes = False  # the number of trained positions varies from batch to batch
+
+    def __init__(self, data: MovieLensData, context_window_size: int, split: str = "leave_one_out"):
         if split != "leave_one_out":
             raise ValueError("the sequence mode trains on the leave_one_out split only")
-        self.data, self.metadata, self.context = data, data.metadata, context
+        self.data, self.metadata = data, data.metadata
+        self.context_window_size = context_window_size
         self.last_target = last_training_position(data.lengths.numpy())
         self.device = torch.device("cpu")
 
@@ -578,7 +604,7 @@ class SequenceChunks:
 
     def num_batches(self, batch_size: int) -> int:
         """Batches per epoch, on average (chunk boundaries move from epoch to epoch)."""
-        expected_chunks = int((self.last_target >= 1).sum()) + len(self) / self.context
+        expected_chunks = int((self.last_target >= 1).sum()) + len(self) / self.context_window_size
         return -(-int(expected_chunks) // batch_size)
 
     def to(self, device: str | torch.device) -> "SequenceChunks":
@@ -587,7 +613,7 @@ class SequenceChunks:
 
     def chunks(self, generator: torch.Generator) -> ChunkBatch:
         """All chunks of one epoch, with boundaries drawn from generator."""
-        c, last = self.context, self.last_target
+        c, last = self.context_window_size, self.last_target
         users = np.flatnonzero(last >= 1)
         last = last[users]
         shift = torch.randint(1, c + 1, (len(users),), generator=generator).numpy()

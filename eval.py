@@ -2,164 +2,24 @@
 
 Every scorer ranks all movies for each target with the movies the user rated before it removed
 (`--exclude window` removes only the input window, as the post did). One target per user and
-split, so MAP@K equals MRR@K and Recall@K equals HR@K; Precision@K is HR@K / K.
+split, so MAP@K equals MRR@K and Recall@K equals HR@K; Precision@K is HR@K / K. Prints the
+table, writes it as JSON beside the checkpoint.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
-
-from data import Batch, MovieLensSequenceDataset, window_padding
-
-Scorer = Callable[[Batch], torch.Tensor]
-METRICS = ("hr", "ndcg", "mrr", "map", "precision", "recall")
-
-
-def model_scorer(model: torch.nn.Module, compiled: bool = False) -> Scorer:
-    """The model's logits; a sequence-mode model also gets the windows' padding mask.
-
-    compiled: through torch.compile, with any batch size. It costs seconds of compilation once
-    and pays off where evaluation repeats, as in training's validation every epoch."""
-    if model.config.mode == "sequence":
-        scorer = lambda batch: model(batch.movie_ids, batch.user_ids, window_padding(batch)).float()
-    else:
-        scorer = lambda batch: model(batch.movie_ids, batch.user_ids).float()
-    return torch.compile(scorer, dynamic=True) if compiled else scorer
-
-
-def constant_scorer(scores: torch.Tensor) -> Scorer:
-    """The same score vector for every target (a popularity baseline)."""
-    return lambda batch: scores.to(batch.user_ids.device).expand(len(batch.user_ids), -1)
-
-
-def popularity_baselines(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
-    """Token-space score vectors from the split's training interactions only (any subset of
-    the split may be passed).
-
-    most-rated: the number of training ratings. top-rated-popular: the post's baseline, the
-    highest mean rating among the 5% most-rated movies, those first, the rest by count.
-    """
-    count, mean_rating = dataset.training_popularity()
-    top = count >= torch.quantile(count[count > 0], 0.95)
-    top_rated = torch.where(top, 10.0 + mean_rating, count / count.max())
-    return {"most-rated": count.float(), "top-rated-popular": top_rated.float()}
-
-
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target among the non-excluded tokens (excluded: bool, or its uint8 view).
-
-    Ties are broken by token index, so equal scores (popularity counts) are ranked as a stable
-    sort would rank them, not in the target's favour.
-    """
-    excluded = excluded.view(torch.uint8)  # the same bytes; compiled, bool loads made this 4x slower
-    target_score = scores.gather(1, targets[:, None])
-    index = torch.arange(scores.shape[1], device=scores.device)
-    ahead = (scores > target_score) | ((scores == target_score) & (index < targets[:, None]))
-    rank = (ahead & (excluded == 0)).sum(1)
-    # a target the exclusion removed (a repeat of a seen movie) counts as a miss
-    return torch.where(excluded.gather(1, targets[:, None])[:, 0] != 0, scores.shape[1], rank)
-
-
-Ranker = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def ranker(compiled: bool) -> Ranker:
-    """target_ranks, or when compiled one fused pass over the scores instead of one per operation."""
-    return compiled_target_ranks() if compiled else target_ranks
-
-
-@functools.cache
-def compiled_target_ranks() -> Ranker:
-    ranks = torch.compile(target_ranks, dynamic=True)
-    # viewed outside the graph: inside, inductor made the bool-to-uint8 view a slow copy
-    return lambda scores, targets, excluded: ranks(scores, targets, excluded.view(torch.uint8))
-
-
-def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
-    """HR, NDCG, MRR, MAP, Precision and Recall at each K for one target per row, plus full MRR."""
-    ranks = ranks.double()
-    out = {}
-    for k in ks:
-        hit = ranks < k
-        hr = hit.double().mean().item()
-        rr = torch.where(hit, 1.0 / (ranks + 1), 0.0).mean().item()
-        out.update({f"hr@{k}": hr, f"ndcg@{k}": torch.where(hit, 1.0 / torch.log2(ranks + 2), 0.0).mean().item(),
-                    f"mrr@{k}": rr, f"map@{k}": rr, f"precision@{k}": hr / k, f"recall@{k}": hr})
-    out["mrr"] = (1.0 / (ranks + 1)).mean().item()
-    return out
-
-
-@torch.inference_mode()
-def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "history",
-             batch_size: int = 1024, top: int = 0,
-             compiled: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Ranks of every target in dataset, and the top-`top` tokens per target when top > 0;
-    compiled: ranked in one fused pass a batch."""
-    rank = ranker(compiled)
-    ranks, tops = [], []
-    for batch in dataset.batches(batch_size):
-        excluded = dataset.seen_mask(batch, exclude)
-        scores = scorer(batch)
-        ranks.append(rank(scores, batch.next_movie, excluded))
-        if top:
-            tops.append(scores.masked_fill(excluded, float("-inf")).topk(top, dim=1).indices)
-    return torch.cat(ranks).cpu(), (torch.cat(tops).cpu() if top else None)
-
-
-def evaluate(scorer: Scorer, dataset: MovieLensSequenceDataset, ks: tuple[int, ...] = (3, 5, 10),
-             exclude: str = "history", batch_size: int = 1024, compiled: bool = False) -> dict[str, float]:
-    ranks, _ = rank_all(scorer, dataset, exclude, batch_size, compiled=compiled)
-    return metrics_from_ranks(ranks, ks)
-
-
-def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...]) -> str:
-    columns = [f"{m}@{k}" for k in ks for m in METRICS] + ["mrr"]
-    lines = ["| scorer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, metrics in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def plot_results(results: dict[str, dict[str, float]], ks: tuple[int, ...], path: Optional[Path] = None,
-                 metrics: tuple[str, ...] = ("hr", "ndcg", "mrr")):
-    """Bar chart of each scorer per metric and K; saved to path (and closed) when given."""
-    from model_train import save_or_return
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
-    width = 0.8 / len(results)
-    for ax, metric in zip(axes[0], metrics):
-        for i, (name, values) in enumerate(results.items()):
-            ax.bar([j + i * width for j in range(len(ks))], [values[f"{metric}@{k}"] for k in ks],
-                   width, label=name)
-        ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(ks))], [f"@{k}" for k in ks])
-        ax.set_title(metric.upper())
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    return save_or_return(fig, path)
-
-
-def save_predictions(path: Path, dataset: MovieLensSequenceDataset, top: torch.Tensor) -> None:
-    """user_id,rank,item_id in MovieLens ids, rank 1 first."""
-    meta = dataset.metadata
-    users = dataset.user_ids.cpu().tolist()
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["user_id", "rank", "item_id"])
-        for user, row in zip(users, top.tolist()):
-            writer.writerows((meta.user_ids[user], r, meta.movie_ids[t]) for r, t in enumerate(row, 1))
+from checkpoint import data_for_checkpoint, load_checkpoint, model_from_checkpoint
+from config import make_datasets, pick_device
+from plots import plot_results
+from ranking import (constant_scorer, markdown_table, metrics_from_ranks, model_scorer, popularity_baselines, rank_all,
+                     save_predictions)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
-    from model_train import (data_for_checkpoint, load_checkpoint, make_datasets, model_from_checkpoint,
-                             pick_device)
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--split", choices=("test", "validation"), default="test")

@@ -9,13 +9,13 @@ movie after that position; prediction uses the last position.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from kernels import attention, dropout, gelu
 
 
 @dataclass
@@ -42,66 +42,11 @@ class MovieLensTransformerConfig:
     init: str = "post"                    # "post": uniform +-0.1; "normal": N(0, 0.02)
 
 
-def packs_masks(x: torch.Tensor, p: float, training: bool) -> bool:
-    """Whether dropout() cuts its own masks for x: training, on a CPU, 0 < p < 1."""
-    return training and x.device.type == "cpu" and 0.0 < p < 1.0
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout, but on a CPU with masks cut from 64-bit random numbers, four 16-bit draws each:
-    aten's CPU dropout draws one 32-bit number an element (~5 ns; 4.8 ms of a 21 ms compiled
-    training step on 2 cores). The drop probability is p rounded to a multiple of 1/65536."""
-    if not packs_masks(x, p, training):
-        return F.dropout(x, p, training)
-    n, threshold = x.numel(), min(round(p * 65536), 65535)
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-    keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold - 32768
-    return torch.where(keep, x * (65536 / (65536 - threshold)), 0.0)
-
-
 class Dropout(nn.Dropout):
+    """nn.Dropout through kernels.dropout."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
-
-
-# Measured, a compiled CPU training step (torch 2.13): broadcast sums 7-13% faster at 4 to 7 positions,
-# 9-13x slower at 8, 16 and 32 (inductor's kernels for them are poor).
-BROADCAST_MAX_POSITIONS = 7
-
-
-def compiling_for_cpu(device: torch.device) -> bool:
-    """Whether inductor is compiling this for a CPU, where the forms below suit its kernels better."""
-    return torch.compiler.is_compiling() and device.type == "cpu"
-
-
-def broadcasts(t: int, device: torch.device) -> bool:
-    """Whether attention over t positions is written as broadcast sums: compiled for a CPU, t short."""
-    return compiling_for_cpu(device) and t <= BROADCAST_MAX_POSITIONS
-
-
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                       dropout_p: float) -> torch.Tensor:
-    """Causal softmax attention written out, so that its weights go through dropout() above.
-
-    Compiled over a short window, the two products are broadcast sums that inductor fuses with
-    the softmax and the masks, instead of thousands of tiny batched GEMMs (5x8 by 8x5 in the
-    post's model); eagerly, and over long windows, they stay matmuls."""
-    t = q.shape[-2]
-    if mask is None:
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    broadcast = broadcasts(t, q.device)
-    scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if broadcast else q @ k.transpose(-2, -1)
-    weights = (scores * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
-    weights = dropout(weights, dropout_p, True)
-    return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if broadcast else weights @ v
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU, tanh approximation (the post's). Compiled for a CPU it is written as x * sigmoid(2z),
-    the same function: inductor's vectorised exp is several times faster there than its tanh."""
-    if compiling_for_cpu(x.device):
-        return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
-    return F.gelu(x, approximate="tanh")
 
 
 class CausalMultiHeadAttention(nn.Module):
@@ -120,13 +65,7 @@ class CausalMultiHeadAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)
                    for z in self.qkv(x).split(d, dim=2))
-        p = self.attention_dropout if self.training else 0.0
-        # written out where SDPA would drop with aten's masks, or where inductor fuses it
-        if packs_masks(x, p, self.training) or broadcasts(t, x.device):
-            y = explicit_attention(q, k, v, attention_mask, p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
-                                               dropout_p=p)
+        y = attention(q, k, v, attention_mask, self.attention_dropout if self.training else 0.0)
         return self.residual_dropout(self.out(y.transpose(1, 2).reshape(b, t, d)))
 
 
@@ -142,8 +81,8 @@ class MLP(nn.Module):
         return self.dropout(self.proj(gelu(self.fc(x))))
 
 
-class TransformerEncoderLayer(nn.Module):
-    """Pre-LayerNorm block: x + attention(LN(x)), then x + MLP(LN(x))."""
+class CausalTransformerBlock(nn.Module):
+    """Pre-LayerNorm decoder block (GPT-2's): x + causal attention(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -166,7 +105,7 @@ class Transformer(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.embedding_dimension)
         self.position_embedding = nn.Embedding(config.context_window_size, config.embedding_dimension)
         self.dropout = Dropout(config.embedding_dropout)
-        self.layers = nn.ModuleList(TransformerEncoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(CausalTransformerBlock(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.embedding_dimension)
 
     def forward(self, movie_ids: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -236,7 +175,10 @@ class MovieLensTransformer(nn.Module):
 
     def forward(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
                 padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B, vocab] logits for the movie after each input window."""
+        """[B, vocab] logits for the movie after each input window.
+
+        padding_mask: bool [B, T], True at left padding. The sequence mode masks those positions;
+        the post's window model reads the whole window, its SOS padding included, as tokens."""
         b, t = movie_ids.shape
         if self.config.mode == "sequence":
             return self.interaction_mlp(self._features(movie_ids, user_ids, padding_mask)[:, -1])

@@ -29,12 +29,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import (FILES, MovieLensSequenceDataset, detect_format, load_movielens,  # noqa: E402
-                  read_ratings, tokenize)
-from eval import Scorer, model_scorer, rank_all, ranker  # noqa: E402
-from model_train import (Config, build_model, compiles, keep_freed_memory, load_config,  # noqa: E402
-                         make_datasets, make_loss_fn, make_optimizer, make_schedule, make_step, pick_device,
-                         uses_cuda_graph)
+from config import Config, build_model, load_config, make_datasets, pick_device  # noqa: E402
+from data import FILES, MovieLensSequenceDataset, detect_format, load_movielens, read_ratings, tokenize  # noqa: E402
+from ranking import Scorer, model_scorer, rank_all, ranker  # noqa: E402
+from speed import Step, make_training_step, speed_settings  # noqa: E402
+from training import make_optimizer, make_schedule  # noqa: E402
 
 BATCH = 512
 
@@ -96,13 +95,14 @@ def load_post_style(data_dir: Path, sequence_length: int = 5) -> tuple[torch.Ten
 
 # ----------------------------------------------------------------------------- training
 
-def trainer_step(model, config: Config, dataset, device: torch.device):
-    """The trainer's training step for this model: its optimizer, schedule and loss (compiled,
-    bf16, a CUDA graph where the config says so)."""
-    tc, graphed = config.trainer_config, uses_cuda_graph(config, device)
-    optimizer = make_optimizer(model, tc, device, capturable=graphed)
+def trainer_step(model, config: Config, dataset, device: torch.device) -> Step:
+    """The trainer's training step for this model: its optimizer, schedule and loss, at the
+    trainer's speed settings."""
+    tc = config.trainer_config
+    speed = speed_settings(tc, device, dataset.fixed_batch_shapes)
+    optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
     schedule = make_schedule(optimizer, tc, dataset.num_batches(tc.batch_size))
-    return make_step(make_loss_fn(model, tc, device), optimizer, schedule, tc, graphed)
+    return make_training_step(model, optimizer, schedule, tc, speed, device)
 
 
 def train_fast(step_fn, dataset, steps: int, device: torch.device) -> float:
@@ -223,7 +223,6 @@ def peak_rss(data_dir: Path, style: str, device: str, steps: int, overrides: lis
 # ----------------------------------------------------------------------------- main
 
 def main() -> None:
-    keep_freed_memory()  # as the trainer does; for both paths and the memory probes
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
@@ -270,7 +269,8 @@ def main() -> None:
 
     test_set = datasets["test"].to(device)
     model.eval()
-    compiled = compiles(model, config.trainer_config, device)
+    speed = speed_settings(config.trainer_config, device, train_set.fixed_batch_shapes)
+    compiled = speed.compile
     scorer = model_scorer(model, compiled)
     ours["eval_first_s"] = len(test_set) / eval_fast(scorer, test_set, compiled)  # compilation included
     # a pass takes tens of milliseconds: each timed run makes 5, as a training run makes 50 steps
@@ -289,7 +289,7 @@ def main() -> None:
                        "peak_rss_mb"}
     ratios = {k: (ref[k] / ours[k] if k in lower_is_better else ours[k] / ref[k]) for k in ours}
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    print(f"{args.data_dir} on {name}; ratio = how many times better than the post-style path")
+    print(f"{args.data_dir} on {name} ({speed}); ratio = how many times better than the post-style path")
     print("| stage | repo | post-style | ratio |\n|---|---|---|---|")
     for key in ours:
         print(f"| {key} | {ours[key]:,.3f} | {ref[key]:,.3f} | {ratios[key]:.1f}x |")

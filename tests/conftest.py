@@ -60,11 +60,12 @@ def ml1m_dir(tmp_path_factory) -> Path:
 
 def validation_ndcg_against_most_rated(checkpoint: Path) -> tuple[float, float]:
     """Validation NDCG@10 of a checkpoint's model and of the most-rated baseline."""
-    import eval as evaluation
-    import model_train
+    import ranking
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from config import make_datasets
 
-    model, config, _ = model_train.model_from_checkpoint(model_train.load_checkpoint(checkpoint))
-    validation = model_train.make_datasets(config)["validation"]
-    ours = evaluation.evaluate(evaluation.model_scorer(model), validation, ks=(10,))["ndcg@10"]
-    most_rated = evaluation.constant_scorer(evaluation.popularity_baselines(validation)["most-rated"])
-    return ours, evaluation.evaluate(most_rated, validation, ks=(10,))["ndcg@10"]
+    model, config, _ = model_from_checkpoint(load_checkpoint(checkpoint))
+    validation = make_datasets(config)["validation"]
+    ours = ranking.evaluate(ranking.model_scorer(model), validation, ks=(10,))["ndcg@10"]
+    most_rated = ranking.constant_scorer(ranking.popularity_baselines(validation)["most-rated"])
+    return ours, ranking.evaluate(most_rated, validation, ks=(10,))["ndcg@10"]

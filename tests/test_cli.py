@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as evaluation
 import model_train
+from checkpoint import load_checkpoint, model_from_checkpoint, save_atomic
+from config import DEFAULT_CONFIG, load_config, pick_device
 from conftest import ROOT
 
 FAST = ["model_config.transformer_config.embedding_dimension=16",
@@ -31,7 +32,7 @@ def test_train_eval_resume_end_to_end(workdir, ml1m_dir, capsys):
     assert run == Path("models/e2e")
     assert {p.name for p in run.iterdir()} >= {"best.pt", "last.pt", "config.yaml"}
     assert list(Path("runs/e2e").glob("events.out.tfevents.*"))
-    last = model_train.load_checkpoint(run / "last.pt")
+    last = load_checkpoint(run / "last.pt")
     assert last["state"]["epoch"] == 2 and last["metadata"]["name"] == "ml-1m"
 
     out = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(run / "best.pt"),
@@ -43,7 +44,7 @@ def test_train_eval_resume_end_to_end(workdir, ml1m_dir, capsys):
     assert {int(r["item_id"]) for r in rows} <= {7 + 3 * m for m in range(200)}  # MovieLens ids
 
     model_train.main(["--resume", str(run), "--set", "trainer_config.num_epochs=3"])
-    resumed = model_train.load_checkpoint(run / "last.pt")
+    resumed = load_checkpoint(run / "last.pt")
     assert resumed["state"]["epoch"] == 3
     from tbparse import SummaryReader
     scalars = SummaryReader("runs/e2e").scalars
@@ -57,22 +58,44 @@ def test_same_config_gives_same_losses(workdir, ml1m_dir):
     for name in ("a", "b"):
         run = model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
                                     f"trainer_config.run_name={name}"))
-        state = model_train.load_checkpoint(run / "last.pt")["model"]
+        state = load_checkpoint(run / "last.pt")["model"]
         losses.append(state)
     assert all(torch.equal(losses[0][k], losses[1][k]) for k in losses[0])
 
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="learning_rat"):
-        model_train.load_config(model_train.DEFAULT_CONFIG, ["trainer_config.learning_rat=0.1"])
+        load_config(DEFAULT_CONFIG, ["trainer_config.learning_rat=0.1"])
     with pytest.raises(ValueError, match="trainer_config.batch_size"):
-        model_train.load_config(model_train.DEFAULT_CONFIG, ["trainer_config.batch_size=many"])
+        load_config(DEFAULT_CONFIG, ["trainer_config.batch_size=many"])
     with pytest.raises(ValueError, match="section.key=value"):
-        model_train.load_config(model_train.DEFAULT_CONFIG, ["batch_size"])
+        load_config(DEFAULT_CONFIG, ["batch_size"])
+
+
+def test_renamed_and_removed_keys_name_what_replaced_them(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("trainer_config:\n  window_size: 2\n")
+    with pytest.raises(ValueError, match="trainer_config.window_size is now called trainer_config.window_stride"):
+        load_config(old)
+    with pytest.raises(ValueError, match="compile_mode is no longer a setting"):
+        load_config(DEFAULT_CONFIG, ["trainer_config.compile_mode=default"])
+
+
+def test_checkpoint_of_an_earlier_version_still_loads(workdir, ml1m_dir):
+    """A checkpoint saved with the keys of earlier versions (window_size, compile_mode) loads
+    for eval.py and recommend.py: its config is upgraded, not refused."""
+    run = model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
+                                "trainer_config.run_name=old"))
+    checkpoint = load_checkpoint(run / "best.pt")
+    tc = checkpoint["config"]["trainer_config"]
+    tc["window_size"] = tc.pop("window_stride")
+    tc["compile_mode"] = "default"
+    _, config, _ = model_from_checkpoint(checkpoint)
+    assert config.trainer_config.window_stride == 1
 
 
 def test_default_config_is_the_posts_model():
-    config = model_train.load_config()
+    config = load_config()
     mc, tc = config.model_config, config.trainer_config
     assert (mc.transformer_config.context_window_size, mc.transformer_config.embedding_dimension,
             mc.transformer_config.num_layers, mc.transformer_config.num_heads) == (5, 32, 4, 4)
@@ -84,12 +107,12 @@ def test_missing_cuda_is_an_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
-        model_train.pick_device("cuda")
-    assert model_train.pick_device("auto").type in ("cpu", "mps")
+        pick_device("cuda")
+    assert pick_device("auto").type in ("cpu", "mps")
 
 
 def test_checkpoint_is_written_atomically(tmp_path):
     path = tmp_path / "last.pt"
-    model_train.save_atomic({"x": torch.ones(2)}, path)
-    assert torch.equal(model_train.load_checkpoint(path)["x"], torch.ones(2))
+    save_atomic({"x": torch.ones(2)}, path)
+    assert torch.equal(load_checkpoint(path)["x"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -172,7 +172,7 @@ def test_windows_match_the_posts_unfold(tmp_path):
     movielens = data.load_movielens(write_ml1m(tmp_path / "ml-1m", rows, num_users=1, num_movies=9))
     sos, eos = movielens.metadata.sos, movielens.metadata.eos
     movies = list(range(9))
-    train = data.MovieLensSequenceDataset(movielens, "train", sequence_length=5)
+    train = data.MovieLensSequenceDataset(movielens, "train", context_window_size=5)
     assert train[0][0].tolist() == [sos, 0, 1, 2, 3] and int(train[0][3]) == 4
     inputs, targets = _post_windows([sos] + movies[:-2], 5)  # leave-one-out keeps the last two
     assert train.movie_ids.tolist() == inputs and train.next_movie.tolist() == targets
@@ -188,10 +188,10 @@ def test_windows_match_the_posts_unfold(tmp_path):
     assert got == expected
 
 
-def test_window_size_strides_targets(tmp_path):
+def test_window_stride_spaces_targets(tmp_path):
     rows = [(1, 7 + 3 * m, 3, 100 + m) for m in range(12)]
     movielens = data.load_movielens(write_ml1m(tmp_path / "ml-1m", rows, num_users=1, num_movies=12))
-    train = data.MovieLensSequenceDataset(movielens, "train", sequence_length=3, window_size=2)
+    train = data.MovieLensSequenceDataset(movielens, "train", context_window_size=3, window_stride=2)
     assert train.next_movie.tolist() == [2, 4, 6, 8]
     assert train.movie_ids[1].tolist() == [1, 2, 3]
 

@@ -6,8 +6,8 @@ import torch
 from sklearn.metrics import ndcg_score
 
 import data
-import eval as evaluation
-from model_train import build_model, load_config
+import ranking as evaluation
+from config import build_model, load_config
 
 
 def test_ranks_exclude_and_break_ties_by_token():

@@ -2,6 +2,7 @@
 import pytest
 
 import model_train
+from config import load_config
 from conftest import SHARED_DATA, validation_ndcg_against_most_rated
 
 ML100K = SHARED_DATA / "ml-100k"
@@ -10,7 +11,7 @@ ML100K = SHARED_DATA / "ml-100k"
 @pytest.mark.skipif(not (ML100K / "u.data").exists(), reason="no ../shared/data/ml-100k")
 def test_model_beats_most_rated_on_ml100k(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = model_train.load_config(overrides=[f"trainer_config.data_dir={ML100K}",
+    config = load_config(overrides=[f"trainer_config.data_dir={ML100K}",
                                                 "trainer_config.cache=false",
                                                 "trainer_config.num_epochs=3",
                                                 "trainer_config.run_name=ml100k"])

@@ -6,13 +6,15 @@ import pytest
 import eval as evaluation
 import model_train
 import recommend
+from checkpoint import load_checkpoint, model_from_checkpoint
+from config import load_config, make_datasets
 from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def checkpoint(ml1m_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
-    config = model_train.load_config(overrides=[
+    config = load_config(overrides=[
         f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
         f"trainer_config.model_dir={folder / 'models'}", f"trainer_config.tensorboard_dir={folder / 'runs'}",
         "trainer_config.run_name=rec", "model_config.transformer_config.num_layers=1"])
@@ -26,9 +28,8 @@ def test_recommend_prints_unseen_movies_and_draws_cards(checkpoint, tmp_path, ca
     top = recommend.main(["--checkpoint", str(checkpoint), "--user", "5", "-k", "7", "--png", str(png)])
     out = capsys.readouterr().out
     assert "user 5:" in out and "top 7 next movies" in out and png.stat().st_size > 1000
-    _, _, metadata = model_train.model_from_checkpoint(model_train.load_checkpoint(checkpoint))
-    data = model_train.make_datasets(model_train.config_from_dict(
-        model_train.load_checkpoint(checkpoint)["config"], "checkpoint"))["test"].data
+    _, config, metadata = model_from_checkpoint(load_checkpoint(checkpoint))
+    data = make_datasets(config)["test"].data
     seen = {metadata.movie_ids[t] for t in data.history(metadata.user_ids.index(5))[0].tolist()}
     assert len(top) == 7 and not seen & {movie_id for movie_id, *_ in top}
     assert [score for *_, score in top] == sorted((score for *_, score in top), reverse=True)

@@ -5,6 +5,7 @@ import torch
 
 import data
 import model_train
+from config import DEFAULT_CONFIG, load_config
 from conftest import validation_ndcg_against_most_rated
 from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig, TransformerConfig
 
@@ -51,7 +52,7 @@ def test_tied_output_layer_is_the_movie_embedding():
 
 def test_chunks_cover_each_training_target_once_and_never_held_out_items(ml1m_dir):
     movielens = data.load_movielens(ml1m_dir)
-    chunks_source = data.SequenceChunks(movielens, context=8)
+    chunks_source = data.SequenceChunks(movielens, context_window_size=8)
     validation = data.MovieLensSequenceDataset(movielens, "validation", 8)
     test = data.MovieLensSequenceDataset(movielens, "test", 8)
     generator = torch.Generator().manual_seed(0)
@@ -74,7 +75,7 @@ def test_window_padding_marks_positions_before_sos(ml1m_dir):
     movielens = data.load_movielens(ml1m_dir)
     validation = data.MovieLensSequenceDataset(movielens, "validation", 50)
     batch = validation.batch(torch.arange(len(validation)))
-    pad = data.window_padding(batch)
+    pad = batch.padding_mask
     sos = movielens.metadata.sos
     real = batch.movie_ids.masked_fill(pad, -1)
     assert ((real == sos).sum(1) == 1).all()  # exactly the user's own SOS is left
@@ -83,7 +84,7 @@ def test_window_padding_marks_positions_before_sos(ml1m_dir):
 
 def test_short_sequence_run_learns(ml1m_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = model_train.load_config(model_train.ROOT / "configs" / "ml1m_best.yaml", [
+    config = load_config(DEFAULT_CONFIG.parent / "configs" / "ml1m_best.yaml", [
         f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=8", "trainer_config.patience=null",
         "trainer_config.eval_every=8", "trainer_config.batch_size=32", "trainer_config.warmup_steps=5",
         "model_config.transformer_config.context_window_size=50",

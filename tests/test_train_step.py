@@ -1,14 +1,20 @@
-"""The training step's parts that run without a GPU: compiled loss, optimizer, schedule, graph switch."""
+"""The training step: the loss compiled or not, the optimizer and its schedule, the speed settings."""
+import copy
+
 import pytest
 import torch
 
-import model_train
-from data import load_movielens, MovieLensSequenceDataset
+import speed
+from config import TrainerConfig, build_model, load_config
+from data import MovieLensSequenceDataset, load_movielens
+from training import backward_and_update, load_optimizer_state, make_optimizer, make_schedule, train_step
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def small_config(*overrides: str) -> model_train.Config:
+def small_config(*overrides: str):
     """A one-layer model without dropout, so that two ways of computing its loss agree."""
-    return model_train.load_config(overrides=[
+    return load_config(overrides=[
         "model_config.transformer_config.embedding_dimension=16", "model_config.transformer_config.num_layers=1",
         *(f"model_config.transformer_config.{k}=0.0" for k in ("embedding_dropout", "attention_dropout",
                                                                "residual_dropout")), *overrides])
@@ -17,13 +23,10 @@ def small_config(*overrides: str) -> model_train.Config:
 def test_compiled_loss_equals_eager_loss(ml1m_dir):
     data = load_movielens(ml1m_dir, cache=False)
     batch = next(MovieLensSequenceDataset(data, "train").batches(64))
-    config = small_config("trainer_config.batch_size=64", "trainer_config.bf16=false")
-    model = model_train.build_model(config, data.metadata)
-    cpu = torch.device("cpu")
-    config.trainer_config.compile = False
-    eager = model_train.make_loss_fn(model, config.trainer_config, cpu)
-    config.trainer_config.compile = True
-    compiled = model_train.make_loss_fn(model, config.trainer_config, cpu)
+    config = small_config("trainer_config.batch_size=64")
+    model = build_model(config, data.metadata)
+    eager, compiled = (speed.make_loss_fn(model, config.trainer_config, speed.Speed(c, False, False), CPU)
+                       for c in (False, True))
     (a, n), (b, m) = eager(batch), compiled(batch)
     assert n == m == 64
     assert torch.allclose(a, b, atol=1e-5)
@@ -31,73 +34,92 @@ def test_compiled_loss_equals_eager_loss(ml1m_dir):
     assert model.transformer.token_embedding.weight.grad.abs().sum() > 0
 
 
-def test_capturable_learning_rate_is_one_tensor_the_schedule_fills():
-    tc = model_train.TrainerConfig(learning_rate=1e-3, warmup_steps=4)
-    model = torch.nn.Linear(3, 2)
-    optimizer = model_train.make_optimizer(model, tc, torch.device("cpu"), capturable=True)
-    lr = optimizer.param_groups[0]["lr"]
-    schedule = model_train.make_schedule(optimizer, tc, steps_per_epoch=10)
-    assert float(lr) == pytest.approx(0.25e-3)
-    for _ in range(2):
-        model(torch.ones(1, 3)).sum().backward()
-        optimizer.step()
-        schedule.step()
-    assert optimizer.param_groups[0]["lr"] is lr  # a CUDA graph keeps reading this tensor
-    assert float(lr) == pytest.approx(0.75e-3)
-    saved = optimizer.state_dict()
-    resumed = model_train.make_optimizer(model, tc, torch.device("cpu"), capturable=True)
-    lr = resumed.param_groups[0]["lr"]
-    model_train.load_optimizer_state(resumed, saved)
-    assert resumed.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.75e-3)
+def steps(model, optimizer, schedule, n: int) -> None:
+    for i in range(n):
+        train_step(lambda x: ((model(x) ** 2).mean(), 1), optimizer, torch.full((2, 3), float(i + 1)),
+                   schedule=schedule)
 
 
-def test_cuda_graph_switch():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not model_train.uses_cuda_graph(small_config(), cpu)
-    assert model_train.uses_cuda_graph(small_config(), cuda)
-    assert not model_train.uses_cuda_graph(small_config("model_config.mode=sequence"), cuda)
-    assert not model_train.uses_cuda_graph(small_config("trainer_config.compile_mode=reduce-overhead"), cuda)
+def test_capturable_optimizer_follows_the_schedule_and_resumes():
+    """The optimizer a CUDA graph needs (its learning rate a tensor) trains as the plain one does,
+    warm-up included, and continues from its saved state as if never stopped."""
+    tc = TrainerConfig(learning_rate=1e-2, warmup_steps=4, lr_schedule="cosine", num_epochs=1)
+    torch.manual_seed(0)
+    plain_model = torch.nn.Linear(3, 2)
+    capturable_model = copy.deepcopy(plain_model)
+    runs = []
+    for model, capturable in ((plain_model, False), (capturable_model, True)):
+        optimizer = make_optimizer(model, tc, CPU, capturable=capturable)
+        schedule = make_schedule(optimizer, tc, steps_per_epoch=10)
+        steps(model, optimizer, schedule, 3)
+        runs.append((model, optimizer, schedule))
+    assert all(torch.allclose(a, b) for a, b in zip(plain_model.parameters(), capturable_model.parameters()))
+
+    resumed_model = copy.deepcopy(capturable_model)
+    resumed = make_optimizer(resumed_model, tc, CPU, capturable=True)
+    resumed_schedule = make_schedule(resumed, tc, steps_per_epoch=10)  # the trainer's order
+    load_optimizer_state(resumed, copy.deepcopy(runs[1][1].state_dict()))  # as saved and read back
+    resumed_schedule.load_state_dict(runs[1][2].state_dict())
+    steps(capturable_model, *runs[1][1:], 4)
+    steps(resumed_model, resumed, resumed_schedule, 4)
+    assert float(resumed.param_groups[0]["lr"]) == pytest.approx(float(runs[1][1].param_groups[0]["lr"]))
+    assert all(torch.allclose(a, b) for a, b in zip(capturable_model.parameters(), resumed_model.parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_step_equals_the_eager_step(ml1m_dir):
+    """Replayed as one CUDA graph, the steps of a warm-up schedule give the eager step's weights."""
+    data = load_movielens(ml1m_dir, cache=False)
+    train = MovieLensSequenceDataset(data, "train").to(CUDA)
+    config = small_config("trainer_config.batch_size=64", "trainer_config.warmup_steps=5",
+                          "trainer_config.bf16=false", "trainer_config.compile=false")
+    tc = config.trainer_config
+    torch.manual_seed(0)
+    models = [build_model(config, data.metadata).to(CUDA)]
+    models.append(copy.deepcopy(models[0]))
+    for model, graphed in zip(models, (False, True)):
+        settings = speed.Speed(compile=False, bf16=False, cuda_graph=graphed)
+        optimizer = make_optimizer(model, tc, CUDA, capturable=graphed)
+        schedule = make_schedule(optimizer, tc, steps_per_epoch=10)
+        step = speed.make_training_step(model, optimizer, schedule, tc, settings, CUDA)
+        for batch in list(train.batches(64))[:8]:
+            step(batch)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*(m.parameters() for m in models)))
+
+
+def test_speed_settings():
+    fixed, varying = True, False
+    with_compiler = speed.can_compile_for_cpu()
+    assert speed.speed_settings(TrainerConfig(), CPU, fixed).compile == with_compiler
+    assert speed.speed_settings(TrainerConfig(), CPU, varying) == speed.Speed(False, False, False)
+    assert speed.speed_settings(TrainerConfig(), CUDA, fixed) == speed.Speed(True, True, True)
+    assert speed.speed_settings(TrainerConfig(), CUDA, varying) == speed.Speed(False, True, False)
+    assert speed.speed_settings(TrainerConfig(compile=False), CPU, fixed).bf16 is False
     with pytest.raises(ValueError, match="trainer_config.cuda_graph"):
-        model_train.uses_cuda_graph(small_config("trainer_config.cuda_graph=true"), cpu)
+        speed.speed_settings(TrainerConfig(cuda_graph=True), CPU, fixed)
 
 
 def test_gradients_are_clipped_before_the_step():
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     loss = (model(torch.full((4, 3), 100.0)) ** 2).sum()
-    model_train.backward_and_update(loss, optimizer, grad_clip=0.5)
+    backward_and_update(loss, optimizer, grad_clip=0.5)
     assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == pytest.approx(0.5)
 
 
 def test_without_a_working_compiler_the_cpu_trains_eagerly(monkeypatch, ml1m_dir):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
-    model_train.inductor_builds.cache_clear()
+    speed.can_compile_for_cpu.cache_clear()
     monkeypatch.setattr(torch, "compile", broken)
     try:
         config = small_config()
+        settings = speed.speed_settings(config.trainer_config, CPU, fixed_batch_shapes=True)
+        assert not settings.compile
         data = load_movielens(ml1m_dir, cache=False)
-        model = model_train.build_model(config, data.metadata)
-        assert not model_train.compiles_by_default(model, torch.device("cpu"))
-        loss, n = model_train.make_loss_fn(model, config.trainer_config, torch.device("cpu"))(
+        model = build_model(config, data.metadata)
+        loss, n = speed.make_loss_fn(model, config.trainer_config, settings, CPU)(
             next(MovieLensSequenceDataset(data, "train").batches(8)))
         assert n == 8 and loss > 0
     finally:
-        model_train.inductor_builds.cache_clear()
-
-
-def test_keep_freed_memory_sets_glibc_thresholds_and_is_a_no_op_elsewhere(monkeypatch):
-    calls = []
-
-    class Glibc:
-        def mallopt(self, option, value):
-            calls.append((option, value))
-            return 1
-    monkeypatch.setattr(model_train.ctypes, "CDLL", lambda name: Glibc())
-    model_train.keep_freed_memory()
-    assert sorted(calls) == [(-3, 1 << 30), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-
-    def no_glibc(name):
-        raise OSError(f"{name}: cannot open shared object file")
-    monkeypatch.setattr(model_train.ctypes, "CDLL", no_glibc)
-    model_train.keep_freed_memory()  # nothing to set, no error
+        speed.can_compile_for_cpu.cache_clear()

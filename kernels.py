@@ -1,0 +1,75 @@
+"""The model's three speed-sensitive operations, each one function: attention, dropout, GELU.
+
+The model calls these and nothing else; each chooses here between the reference operation
+(SDPA, F.dropout, F.gelu) and a form that computes the same function faster on a CPU:
+- dropout on a CPU cuts its masks from 64-bit random numbers, four 16-bit draws each, where
+  aten's CPU dropout draws one 32-bit number an element (a quarter of a compiled training step);
+- attention whose weights are dropped on a CPU is written out, so the weights go through that
+  dropout; compiled for a CPU over a short window its two products become broadcast sums that
+  inductor fuses with the softmax and masks, instead of thousands of tiny batched GEMMs;
+- GELU (tanh approximation) compiled for a CPU is written as x * sigmoid(2z), the same
+  function, because inductor's vectorised exp is several times faster there than its tanh.
+tests/test_kernels.py checks each fast form against its reference. Measurements:
+benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# Compiled for a CPU, broadcast sums beat GEMMs at 4 to 7 positions and lose 9-13x from 8 on.
+BROADCAST_MAX_POSITIONS = 7
+
+
+def is_compiling_for_cpu(x: torch.Tensor) -> bool:
+    """Whether inductor is compiling this for a CPU, where the written-out forms suit its kernels."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
+def is_packed_dropout(x: torch.Tensor, p: float, training: bool) -> bool:
+    """Whether dropout() cuts its own masks for x: training, on a CPU, 0 < p < 1."""
+    return training and x.device.type == "cpu" and 0.0 < p < 1.0
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout; on a CPU the drop probability is p rounded to a multiple of 1/65536."""
+    if not is_packed_dropout(x, p, training):
+        return F.dropout(x, p, training)
+    n, threshold = x.numel(), min(round(p * 65536), 65535)
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold - 32768
+    return torch.where(keep, x * (65536 / (65536 - threshold)), 0.0)
+
+
+def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                          dropout_p: float) -> torch.Tensor:
+    """Causal softmax attention written out, its weights through dropout(); the products are
+    broadcast sums when compiled for a CPU over at most BROADCAST_MAX_POSITIONS, else matmuls."""
+    t = q.shape[-2]
+    if mask is None:
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    broadcast = is_compiling_for_cpu(q) and t <= BROADCAST_MAX_POSITIONS
+    scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if broadcast else q @ k.transpose(-2, -1)
+    weights = (scores * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+    weights = dropout(weights, dropout_p, True)
+    return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if broadcast else weights @ v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              dropout_p: float) -> torch.Tensor:
+    """Causal attention over [B, H, T, d/H]; mask: bool [B, 1, T, T], True where a query may
+    attend (causal already), or None for plain causal attention. dropout_p: 0 in evaluation."""
+    short = q.shape[-2] <= BROADCAST_MAX_POSITIONS
+    if is_packed_dropout(q, dropout_p, True) or (is_compiling_for_cpu(q) and short):
+        return written_out_attention(q, k, v, mask, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (the post's)."""
+    if is_compiling_for_cpu(x):
+        return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")

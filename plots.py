@@ -1,0 +1,138 @@
+"""Every figure the scripts and notebooks draw: training curves, metric bars, recommendation cards.
+
+Each function saves its figure to `path` (and closes it) when given one, else returns it for a
+notebook to show. Cards show posters from data/posters/<movie_id>.jpg when that folder has them,
+else cards drawn from title, year and genres.
+"""
+from __future__ import annotations
+
+import re
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import imageio.v3 as iio
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyBboxPatch
+from tbparse import SummaryReader
+
+from data import DatasetMetadata
+
+
+def save_or_return(fig: Figure, path: Optional[Path]) -> Optional[Figure]:
+    """Save a figure to path and close it, or return it for a notebook to show."""
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_training_curves(log_dir: Path, path: Optional[Path] = None):
+    """Training and validation loss and validation NDCG@10 per epoch, read back with tbparse.
+
+    Saved to path and closed when a path is given, else returned.
+    """
+    scalars = SummaryReader(str(log_dir)).scalars
+    fig, (loss_ax, ndcg_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for tag, label in (("loss/train", "train"), ("loss/validation", "validation")):
+        rows = scalars[scalars.tag == tag]
+        loss_ax.plot(rows.step, rows.value, label=label)
+    loss_ax.set(title="cross-entropy", xlabel="epoch")
+    loss_ax.legend()
+    rows = scalars[scalars.tag == "metrics/validation/ndcg@10"]
+    ndcg_ax.plot(rows.step, rows.value, marker="o", color="C2")
+    ndcg_ax.set(title="validation NDCG@10", xlabel="epoch")
+    fig.tight_layout()
+    return save_or_return(fig, path)
+
+
+def plot_results(results: dict[str, dict[str, float]], ks: tuple[int, ...], path: Optional[Path] = None,
+                 metrics: tuple[str, ...] = ("hr", "ndcg", "mrr")):
+    """Bar chart of each scorer per metric and K; saved to path (and closed) when given."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    width = 0.8 / len(results)
+    for ax, metric in zip(axes[0], metrics):
+        for i, (name, values) in enumerate(results.items()):
+            ax.bar([j + i * width for j in range(len(ks))], [values[f"{metric}@{k}"] for k in ks],
+                   width, label=name)
+        ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(ks))], [f"@{k}" for k in ks])
+        ax.set_title(metric.upper())
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return save_or_return(fig, path)
+
+
+POSTERS = Path("data/posters")
+GENRE_COLOURS = {"Action": "#d62728", "Adventure": "#ff7f0e", "Animation": "#e377c2",
+                 "Children's": "#f7b6d2", "Comedy": "#bcbd22", "Crime": "#7f7f7f",
+                 "Documentary": "#8c564b", "Drama": "#1f77b4", "Fantasy": "#9467bd",
+                 "Film-Noir": "#333333", "Horror": "#5b0f00", "Musical": "#dbdb8d",
+                 "Mystery": "#393b79", "Romance": "#ff9896", "Sci-Fi": "#17becf",
+                 "Thriller": "#843c39", "War": "#637939", "Western": "#bd9e39"}
+
+
+@dataclass
+class CardRow:
+    label: str
+    history: list[int]            # movie tokens, oldest first
+    recommendations: list[int]    # movie tokens, best first
+    held_out: Optional[int] = None  # the true next movie, highlighted where recommended
+
+
+def split_title(title: str) -> tuple[str, str]:
+    """'Toy Story (1995)' -> ('Toy Story', '1995')."""
+    match = re.match(r"^(.*?)\s*\((\d{4})\)\s*$", title)
+    return (match.group(1), match.group(2)) if match else (title, "")
+
+
+def _draw_card(ax, metadata: DatasetMetadata, token: int, posters: Path, border: str, width: float) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    movie_id = metadata.movie_ids[token]
+    poster = posters / f"{movie_id}.jpg"
+    title, year = split_title(metadata.titles[token])
+    genres = metadata.genres[token].split("|")
+    if poster.is_file():
+        ax.imshow(iio.imread(poster))
+    else:
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.5)
+        colour = GENRE_COLOURS.get(genres[0], "#555555")
+        ax.add_patch(FancyBboxPatch((0.04, 0.04), 0.92, 1.42, boxstyle="round,pad=0,rounding_size=0.06",
+                                    facecolor=colour, alpha=0.85, edgecolor="none"))
+        ax.text(0.5, 1.05, "\n".join(textwrap.wrap(title, 12)[:5]), ha="center", va="center",
+                color="white", fontsize=7, fontweight="bold")
+        ax.text(0.5, 0.45, year, ha="center", va="center", color="white", fontsize=9)
+        ax.text(0.5, 0.2, "\n".join(genres[:2]), ha="center", va="center", color="white", fontsize=6)
+    for spine in ax.spines.values():
+        spine.set_edgecolor(border)
+        spine.set_linewidth(width)
+
+
+def draw_cards(rows: list[CardRow], metadata: DatasetMetadata, posters: Path = POSTERS,
+               path: Optional[Path] = None) -> Figure:
+    """A row of cards per user: the last movies seen (grey), then the recommendations (blue),
+    the held-out movie in green where it was recommended. Saved to path (and closed) when given."""
+    columns = max(len(r.history) + len(r.recommendations) for r in rows) + 1
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns, 2.2 * len(rows)), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        for ax in ax_row:
+            ax.axis("off")
+        for i, token in enumerate(row.history):
+            ax_row[i].axis("on")
+            _draw_card(ax_row[i], metadata, token, posters, "#999999", 1.5)
+        ax_row[len(row.history)].text(0.5, 0.5, "→", ha="center", va="center", fontsize=22,
+                                      transform=ax_row[len(row.history)].transAxes)
+        for rank, token in enumerate(row.recommendations, 1):
+            ax = ax_row[len(row.history) + rank]
+            ax.axis("on")
+            hit = token == row.held_out
+            _draw_card(ax, metadata, token, posters, "#2ca02c" if hit else "#1f77b4", 5 if hit else 1.5)
+            ax.set_title(f"#{rank}" + (" held out ✓" if hit else ""), fontsize=8,
+                         color="#2ca02c" if hit else "black")
+        ax_row[0].set_ylabel(row.label, fontsize=9)
+        ax_row[0].set_title("history (last)", fontsize=8, loc="left")
+    fig.tight_layout()
+    return save_or_return(fig, path)
