@@ -6,36 +6,47 @@ validation NDCG@10, evaluations without improvement), `config` (the resolved con
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from config import Config, apply_override, build_model, config_from_dict, upgrade_saved_config
+from config import Config, apply_overrides, build_model, config_from_dict, upgrade_saved_config
 from data import DatasetMetadata, MovieLensData, ensure_movielens, load_movielens
+from errors import CheckpointError
+from files import atomic_write
 from movielens_transformer import MovieLensTransformer
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside path, then rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file beside path, then rename over it: path holds either the
+    old or the new checkpoint, never part of one. A full disk or read-only folder is a UserError."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """The checkpoint's dict; weights_only, so a file holding code is refused."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; give a run's best.pt or last.pt "
+                              "(python model_train.py writes them to models/<run>/)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load reports a bad file as one of several error types
+        raise CheckpointError(f"{path} is not a checkpoint of this repo or is damaged (torch.load: "
+                              f"{type(e).__name__}); give a best.pt or last.pt written by model_train.py") from None
+    missing = {"model", "config", "metadata"} - set(checkpoint if isinstance(checkpoint, dict) else ())
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this repo (it lacks {', '.join(sorted(missing))}); "
+                              "give a best.pt or last.pt written by model_train.py")
+    return checkpoint
 
 
 def saved_config(checkpoint: dict, overrides: list[str] = (), source: str = "checkpoint config") -> Config:
     """The config a checkpoint was trained with (keys of earlier versions upgraded), with
     `--set` overrides applied."""
     raw = upgrade_saved_config(checkpoint["config"])
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return config_from_dict(raw, source)
+    return config_from_dict(raw, apply_overrides(raw, overrides, source))
 
 
 def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Config, DatasetMetadata]:
@@ -43,7 +54,10 @@ def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Confi
     config = saved_config(checkpoint)
     metadata = DatasetMetadata.from_dict(checkpoint["metadata"])
     model = build_model(config, metadata)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint's weights do not fit its config: {str(e).splitlines()[0]}") from None
     return model.eval(), config, metadata
 
 
@@ -54,5 +68,6 @@ def data_for_checkpoint(config: Config, metadata: DatasetMetadata, data_dir: Opt
     tc = config.trainer_config
     data = load_movielens(ensure_movielens(tc.data_dir), cache=tc.cache)
     if data.metadata != metadata:
-        raise ValueError(f"{tc.data_dir} is not the data set this checkpoint was trained on")
+        raise CheckpointError(f"{tc.data_dir} is not the data set this checkpoint was trained on "
+                              f"({metadata.name}, {metadata.num_users:,} users); give that folder with --data-dir")
     return data

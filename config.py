@@ -6,6 +6,10 @@ or mistyped key is an error that names it, and so is a key this repo has renamed
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -14,8 +18,10 @@ import dacite
 import torch
 import yaml
 
-from data import DatasetMetadata, MovieLensData, MovieLensSequenceDataset, SequenceChunks, ensure_movielens, load_movielens
-from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig
+from data import (SPLITS, DatasetMetadata, MovieLensData, MovieLensSequenceDataset, SequenceChunks, ensure_movielens,
+                  load_movielens)
+from errors import ConfigError
+from movielens_transformer import INITS, MODES, MovieLensTransformer, MovieLensTransformerConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "training_config.yaml"
 
@@ -59,60 +65,180 @@ class Config:
 
 # keys of earlier versions: a config file naming one is an error that names what replaced it;
 # a checkpoint's saved config is upgraded (upgrade_saved_config)
-RENAMED = {("trainer_config", "window_size"): "window_stride"}
-REMOVED = {("trainer_config", "compile_mode"): "the captured CUDA-graph step (trainer_config.cuda_graph) "
-                                               "replaced torch.compile's modes"}
+RENAMED = {"trainer_config.window_size": "trainer_config.window_stride"}
+REMOVED = {"trainer_config.compile_mode": "the captured CUDA-graph step (trainer_config.cuda_graph) "
+                                          "replaced torch.compile's modes"}
 
 
-def check_old_keys(raw: dict, source: str) -> None:
-    for (section, key), new in RENAMED.items():
-        if key in (raw.get(section) or {}):
-            raise ValueError(f"{source}: {section}.{key} is now called {section}.{new}")
-    for (section, key), why in REMOVED.items():
-        if key in (raw.get(section) or {}):
-            raise ValueError(f"{source}: {section}.{key} is no longer a setting: {why}")
+class Origins:
+    """Where each config value came from, for error messages: a file, or --set."""
+
+    def __init__(self, source: str, overridden: set[str] = frozenset()):
+        self.source, self.overridden = source, overridden
+
+    def __call__(self, key: str) -> str:
+        return "--set" if key in self.overridden else self.source
+
+
+def check_keys(raw: dict, cls: type, origins: Origins, prefix: str = "") -> None:
+    """Every key of raw names a field of the dataclass cls (recursively), as strict dacite wants,
+    but with the key's full name, where it came from and the nearest known names."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys, got {raw!r} "
+                          f"(from {origins(prefix.rstrip('.'))})")
+    fields = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if name in RENAMED:
+            raise ConfigError(f"{name} is now called {RENAMED[name]} (from {origins(name)}); rename it")
+        if name in REMOVED:
+            raise ConfigError(f"{name} is no longer a setting (from {origins(name)}): {REMOVED[name]}; remove it")
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {name} (from {origins(name)}); {hint}")
+        if dataclasses.is_dataclass(fields[key]) and value is not None:
+            check_keys(value, fields[key], origins, f"{name}.")
 
 
 def upgrade_saved_config(raw: dict) -> dict:
     """A checkpoint's config with the keys of earlier versions renamed or dropped."""
-    for (section, key), new in RENAMED.items():
+    for old, new in RENAMED.items():
+        (section, key), (_, new_key) = old.split("."), new.split(".")
         if key in raw.get(section, {}):
-            raw[section][new] = raw[section].pop(key)
-    for section, key in REMOVED:
+            raw[section][new_key] = raw[section].pop(key)
+    for old in REMOVED:
+        section, key = old.split(".")
         raw.get(section, {}).pop(key, None)
     return raw
 
 
-def config_from_dict(raw: dict, source: str) -> Config:
-    """Strict dacite conversion: an unknown or mistyped key is an error that names it."""
-    check_old_keys(raw, source)
+def config_from_dict(raw: dict, origins: Origins) -> Config:
+    """The checked Config of raw: unknown, renamed or mistyped keys and values out of range are
+    errors that name the key and where its value came from."""
+    check_keys(raw, Config, origins)
     try:
-        return dacite.from_dict(Config, raw, config=dacite.Config(strict=True))
+        config = dacite.from_dict(Config, raw, config=dacite.Config(strict=True))
+    except dacite.WrongTypeError as e:
+        raise ConfigError(f"{e.field_path} is {e.value!r} (from {origins(e.field_path)}), "
+                          f"which is not of type {getattr(e.field_type, '__name__', e.field_type)}") from None
     except dacite.DaciteError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise ConfigError(f"{origins.source}: {e}") from None
+    check_values(config, origins)
+    config._origins = origins  # not a field: never saved, only for later messages (origin())
+    return config
+
+
+def origin(config: Config, key: str) -> str:
+    """Where a config value came from: its file, --set, or a checkpoint."""
+    origins = getattr(config, "_origins", None)
+    return origins(key) if origins else "the config"
+
+
+def check_values(config: Config, origins: Origins) -> None:
+    """Every value in its range and consistent with the others, so that a bad one fails at once
+    rather than after the data has loaded or an epoch has run."""
+    mc, tc = config.model_config, config.trainer_config
+    t = mc.transformer_config
+
+    def need(ok: bool, key: str, value: object, requirement: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} is {value!r} (from {origins(key)}); it must be {requirement}")
+
+    def at_least(section: object, prefix: str, minimum: float, *names: str) -> None:
+        for name in names:
+            value = getattr(section, name)
+            need(value >= minimum, f"{prefix}.{name}", value, f"at least {minimum}")
+
+    def probability(section: object, prefix: str, *names: str) -> None:
+        for name in names:
+            value = getattr(section, name)
+            need(0 <= value < 1, f"{prefix}.{name}", value, "in [0, 1)")
+
+    def one_of(section: object, prefix: str, name: str, choices: tuple) -> None:
+        value = getattr(section, name)
+        need(value in choices, f"{prefix}.{name}", value, "one of " + ", ".join(map(str, choices)))
+
+    tp, mp, trp = "model_config.transformer_config", "model_config", "trainer_config"
+    at_least(t, tp, 1, "context_window_size", "embedding_dimension", "num_layers", "num_heads", "mlp_ratio")
+    need(t.embedding_dimension % t.num_heads == 0, f"{tp}.num_heads", t.num_heads,
+         f"a divisor of embedding_dimension ({t.embedding_dimension})")
+    probability(t, tp, "embedding_dropout", "attention_dropout", "residual_dropout")
+    at_least(mc, mp, 0, "user_embedding_dimension")
+    need(all(h >= 1 for h in mc.interaction_mlp_hidden_sizes), f"{mp}.interaction_mlp_hidden_sizes",
+         mc.interaction_mlp_hidden_sizes, "a list of sizes of at least 1")
+    one_of(mc, mp, "mode", MODES)
+    one_of(mc, mp, "init", tuple(INITS))
+    if mc.tie_output_embeddings:
+        last = mc.interaction_mlp_hidden_sizes[-1] if mc.interaction_mlp_hidden_sizes else None
+        need(last == t.embedding_dimension, f"{mp}.interaction_mlp_hidden_sizes", mc.interaction_mlp_hidden_sizes,
+             f"a list ending in embedding_dimension ({t.embedding_dimension}) when tie_output_embeddings is true")
+    one_of(tc, trp, "split", SPLITS)
+    need(mc.mode != "sequence" or tc.split == "leave_one_out", f"{trp}.split", tc.split,
+         "leave_one_out in the sequence mode")
+    at_least(tc, trp, 1, "window_stride", "batch_size", "eval_batch_size", "num_epochs", "eval_every", "log_every")
+    need(tc.learning_rate > 0, f"{trp}.learning_rate", tc.learning_rate, "positive")
+    one_of(tc, trp, "optimizer", ("adam", "adamw"))
+    at_least(tc, trp, 0, "weight_decay", "warmup_steps")
+    one_of(tc, trp, "lr_schedule", ("constant", "cosine"))
+    need(0 <= tc.min_lr_ratio <= 1, f"{trp}.min_lr_ratio", tc.min_lr_ratio, "in [0, 1]")
+    need(tc.grad_clip is None or tc.grad_clip > 0, f"{trp}.grad_clip", tc.grad_clip, "positive, or null")
+    probability(tc, trp, "label_smoothing")
+    need(tc.patience is None or tc.patience >= 1, f"{trp}.patience", tc.patience, "at least 1, or null")
+    need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", tc.device) is not None, f"{trp}.device", tc.device,
+         "auto, cpu, mps, cuda or cuda:N")
+    need(tc.run_name is None or re.fullmatch(r"[\w.-]+", tc.run_name) is not None and tc.run_name not in (".", ".."),
+         f"{trp}.run_name", tc.run_name, "letters, digits, '.', '_' and '-', or null")
+    need(bool(tc.data_dir), f"{trp}.data_dir", tc.data_dir, "a folder")
 
 
 def apply_override(raw: dict, assignment: str) -> None:
     """Set raw['a']['b'] from 'a.b=value', the value parsed as YAML."""
     key, sep, value = assignment.partition("=")
     if not sep or not key:
-        raise ValueError(f"--set {assignment!r}: expected section.key=value")
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"--set {assignment!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(value)
+            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file; a missing, empty or malformed file is a ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read the config {path}: {e.strerror}; give an existing YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty; a config names model_config and trainer_config "
+                          f"(see {DEFAULT_CONFIG.name})")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model_config, trainer_config)")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str) -> Origins:
+    """Apply `--set` assignments to raw; the Origins that say which values they set."""
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return Origins(source, {a.partition("=")[0] for a in overrides})
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> Config:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of sections")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return config_from_dict(raw, str(path))
+    """The checked config of a YAML file with `--set section.key=value` overrides."""
+    raw = read_yaml(path)
+    return config_from_dict(raw, apply_overrides(raw, overrides, str(path)))
 
 
 def pick_device(name: str) -> torch.device:
@@ -124,7 +250,9 @@ def pick_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer_config.device is {name!r} but CUDA is not available")
+        raise ConfigError(f"the device is {name!r} but CUDA is not available; use auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("the device is 'mps' but MPS is not available; use auto or cpu")
     return torch.device(name)
 
 
@@ -146,6 +274,14 @@ def make_datasets(config: Config, data: Optional[MovieLensData] = None) -> dict:
     c = mc.transformer_config.context_window_size
     datasets = {subset: MovieLensSequenceDataset(data, subset, c, tc.window_stride, tc.split, tc.seed)
                 for subset in ("validation", "test")}
+    longest = int(data.lengths.max())
+    key = "model_config.transformer_config.context_window_size"
+    if c > longest + 1:
+        raise ConfigError(f"{key} is {c} (from {origin(config, key)}), longer than every history in {tc.data_dir} "
+                          f"(the longest: {longest:,} ratings); it must be at most {longest + 1:,} (SOS included)")
     datasets["train"] = (SequenceChunks(data, c, tc.split) if mc.mode == "sequence" else
                          MovieLensSequenceDataset(data, "train", c, tc.window_stride, tc.split, tc.seed))
+    if len(datasets["train"]) == 0:
+        raise ConfigError(f"no training targets in {tc.data_dir} with {key} {c} (from {origin(config, key)}); "
+                          "a shorter context leaves some")
     return datasets

@@ -32,6 +32,9 @@ from loguru import logger
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from errors import DataError
+from files import write_error
+
 ARCHIVES = {
     "ml-1m": ("https://files.grouplens.org/datasets/movielens/ml-1m.zip",
               "c4d9eecfca2ab87c1945afe126590906"),
@@ -42,13 +45,18 @@ FILES = {"ml-1m": ("users.dat", "movies.dat", "ratings.dat"),
          "ml-100k": ("u.user", "u.item", "u.data")}
 SPLITS = ("leave_one_out", "random_windows")
 SUBSETS = ("train", "validation", "test")
+LATEST_TIMESTAMP = 4_102_444_800  # 2100-01-01 in Unix seconds: later ones are milliseconds or garbage
 SOS_RATING, EOS_RATING = 0, 3  # the post's ratings for the SOS and EOS positions
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
                  "Romance", "Sci-Fi", "Thriller", "War", "Western")
 
 
-class MovieLensFormatError(ValueError):
+class DataNotFound(DataError):
+    """A folder that holds no MovieLens data set."""
+
+
+class MovieLensFormatError(DataError):
     """A MovieLens file does not hold what its format says; the message names file and line."""
 
 
@@ -57,27 +65,31 @@ class MovieLensFormatError(ValueError):
 def download_movielens(name: str, root: str | Path) -> Path:
     """Download and unpack a MovieLens archive into root/name unless its files are there."""
     if name not in ARCHIVES:
-        raise ValueError(f"unknown MovieLens data set {name!r}; known: {sorted(ARCHIVES)}")
+        raise DataError(f"unknown MovieLens data set {name!r}; known: {sorted(ARCHIVES)}")
     root = Path(root)
     target = root / name
     if all((target / f).is_file() for f in FILES[name]):
         return target
     url, md5 = ARCHIVES[name]
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
-        archive = Path(tmp) / f"{name}.zip"
-        try:
-            _fetch(url, archive)
-        except (urllib.error.URLError, OSError) as e:
-            raise RuntimeError(f"could not download {url} ({e}); download it by hand and unpack "
-                               f"it so that {target}/ holds {', '.join(FILES[name])}") from e
-        digest = hashlib.md5(archive.read_bytes()).hexdigest()
-        if digest != md5:
-            raise RuntimeError(f"{url}: checksum {digest} differs from GroupLens' {md5}")
-        _safe_extract(archive, Path(tmp) / "out")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(Path(tmp) / "out" / name, target)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
+            archive = Path(tmp) / f"{name}.zip"
+            try:
+                _fetch(url, archive)
+            except urllib.error.URLError as e:
+                raise DataError(f"could not download {url} ({e.reason}); download it by hand and unpack "
+                                f"it so that {target}/ holds {', '.join(FILES[name])}") from None
+            digest = hashlib.md5(archive.read_bytes()).hexdigest()
+            if digest != md5:
+                raise DataError(f"{url}: checksum {digest} differs from GroupLens' {md5}; "
+                                "download it again, or by hand")
+            _safe_extract(archive, Path(tmp) / "out")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(Path(tmp) / "out" / name, target)
+    except OSError as e:
+        raise write_error(target, e, "choose a writable data_dir, or download the data by hand") from None
     return target
 
 
@@ -97,7 +109,7 @@ def _safe_extract(archive: Path, dest: Path) -> None:
         for member in zf.namelist():
             path = (dest / member).resolve()
             if path != dest and dest not in path.parents:
-                raise RuntimeError(f"{archive}: member {member!r} escapes {dest}")
+                raise DataError(f"{archive}: member {member!r} escapes {dest}; the archive is not GroupLens'")
         zf.extractall(dest)
 
 
@@ -107,8 +119,9 @@ def detect_format(data_dir: str | Path) -> str:
     for name, files in FILES.items():
         if all((data_dir / f).is_file() for f in files):
             return name
-    raise FileNotFoundError(f"{data_dir} holds neither ML-1M ({', '.join(FILES['ml-1m'])}) "
-                            f"nor ML-100K ({', '.join(FILES['ml-100k'])})")
+    raise DataNotFound(f"{data_dir} holds neither ML-1M ({', '.join(FILES['ml-1m'])}) nor ML-100K "
+                       f"({', '.join(FILES['ml-100k'])}); point data_dir at one, or at an empty folder "
+                       f"named {' or '.join(ARCHIVES)} to download it")
 
 
 def ensure_movielens(data_dir: str | Path) -> Path:
@@ -117,7 +130,7 @@ def ensure_movielens(data_dir: str | Path) -> Path:
     try:
         detect_format(data_dir)
         return data_dir
-    except FileNotFoundError:
+    except DataNotFound:
         if data_dir.name not in ARCHIVES:
             raise
     return download_movielens(data_dir.name, data_dir.parent)
@@ -166,16 +179,35 @@ def read_ratings(path: str | Path, sep: str) -> pd.DataFrame:
         if not all(pd.api.types.is_integer_dtype(frame[c]) for c in names):
             raise ValueError
         frame = frame.astype(np.int64)
+    except pd.errors.EmptyDataError:  # before ValueError, of which it is one
+        frame = pd.DataFrame({n: np.zeros(0, np.int64) for n in names})
     except (ValueError, pd.errors.ParserError, TypeError):
         _split_lines(path, sep, 4, (0, 1, 2, 3))  # raises with the line's number
         raise MovieLensFormatError(f"{path}: could not be parsed as {sep!r}-separated ratings")
-    except pd.errors.EmptyDataError:
-        frame = pd.DataFrame({n: np.zeros(0, np.int64) for n in names})
     bad = np.flatnonzero((frame.rating < 1) | (frame.rating > 5))
     if len(bad):
         raise MovieLensFormatError(f"{path}, line {bad[0] + 1}: rating {frame.rating.iat[bad[0]]} "
                                    "is outside 1..5")
+    bad = np.flatnonzero((frame.timestamp < 0) | (frame.timestamp >= LATEST_TIMESTAMP))
+    if len(bad):
+        raise MovieLensFormatError(f"{path}, line {bad[0] + 1}: timestamp {frame.timestamp.iat[bad[0]]} is not a "
+                                   "Unix time in seconds between 1970 and 2100; give timestamps in seconds")
     return frame
+
+
+def drop_duplicate_ratings(ratings: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """ratings without repeats of a line's user, movie and timestamp (the first of each kept),
+    with a warning that gives their number and the first repeat's line."""
+    users, movies = ratings.user_id.to_numpy(), ratings.movie_id.to_numpy()
+    pair = users * (int(movies.max()) + 1) + movies
+    pairs = np.sort(pair, kind="stable")  # files list a user's ratings together: sorting is fast
+    if not (pairs[1:] == pairs[:-1]).any():  # no user rated a movie twice: no duplicates
+        return ratings
+    repeat = ratings.duplicated(["user_id", "movie_id", "timestamp"]).to_numpy()
+    if repeat.any():
+        logger.warning(f"{path}: {repeat.sum():,} duplicate ratings (same user, movie and timestamp as an "
+                       f"earlier line; the first at line {np.argmax(repeat) + 1}) dropped, the first of each kept")
+    return ratings[~repeat].reset_index(drop=True)
 
 
 def read_movielens(data_dir: str | Path) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -194,6 +226,9 @@ def read_movielens(data_dir: str | Path) -> tuple[str, pd.DataFrame, pd.DataFram
     users = pd.DataFrame({"user_id": [row[0] for row in users]})
     movies = pd.DataFrame(movies, columns=["movie_id", "title", "genres"])
     ratings_file = data_dir / FILES[name][2]
+    if ratings.empty:
+        raise DataError(f"{ratings_file} holds no ratings; restore the file, or download the data set again")
+    ratings = drop_duplicate_ratings(ratings, ratings_file)
     for frame, key, file in ((users, "user_id", FILES[name][0]), (movies, "movie_id", FILES[name][1])):
         duplicated = frame[key].duplicated().to_numpy()
         if duplicated.any():
@@ -285,6 +320,18 @@ def _dense_tokens(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
     return table[values]
 
 
+def time_order(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+    """The indices that order ratings by (user, timestamp, position in the file), for any int64
+    timestamps: one sort of a packed key where user and time fit in 63 bits, else lexsort."""
+    if len(user) == 0:
+        return np.zeros(0, dtype=np.int64)
+    low = int(timestamp.min())
+    time_bits = (int(timestamp.max()) - low).bit_length()
+    if time_bits + int(user.max()).bit_length() <= 63:
+        return np.argsort((user.astype(np.int64) << time_bits) | (timestamp - low), kind="stable")
+    return np.lexsort((timestamp, user))  # stable too: ties keep file order
+
+
 def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
              ratings: pd.DataFrame) -> MovieLensData:
     """Map ids to dense tokens and lay out each user's ratings in time order."""
@@ -295,9 +342,7 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
                                movies.genres.to_numpy()[movie_order].tolist(), user_ids.tolist())
     user = _dense_tokens(user_ids, ratings.user_id.to_numpy())
     movie = _dense_tokens(movie_ids, ratings.movie_id.to_numpy())
-    timestamp = ratings.timestamp.to_numpy()
-    key = (user.astype(np.int64) << 32) | (timestamp - timestamp.min(initial=0))
-    order = np.argsort(key, kind="stable")  # stable: ties keep file order
+    order = time_order(user, ratings.timestamp.to_numpy())
     user, movie, rating = user[order], movie[order], ratings.rating.to_numpy()[order]
     lengths = np.bincount(user, minlength=len(user_ids))
     offsets = np.concatenate(([0], np.cumsum(lengths + 2)[:-1]))

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 from checkpoint import data_for_checkpoint, load_checkpoint, model_from_checkpoint
 from config import make_datasets, pick_device
+from errors import UserError, run_script
+from files import atomic_write
 from plots import plot_results
 from ranking import (constant_scorer, markdown_table, metrics_from_ranks, model_scorer, popularity_baselines, rank_all,
                      save_predictions)
@@ -21,6 +24,7 @@ from ranking import (constant_scorer, markdown_table, metrics_from_ranks, model_
 
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--k", type=int, nargs="+", default=[3, 5, 10])
@@ -33,8 +37,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--save-predictions", type=Path, metavar="CSV")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="bar chart of model vs baselines")
     args = parser.parse_args(argv)
+    if min(args.k) < 1 or args.batch_size < 1:
+        parser.error("every --k and --batch-size must be at least 1")
 
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    if max(args.k) > metadata.num_movies:
+        raise UserError(f"--k {max(args.k)} is more than the {metadata.num_movies:,} movies of {metadata.name}; "
+                        f"give K of at most {metadata.num_movies:,}")
     datasets = make_datasets(config, data_for_checkpoint(config, metadata, args.data_dir))
     device = pick_device(args.device)
     model.to(device)
@@ -60,10 +69,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     if args.plot:
         plot_results(results, ks, args.plot)
     out = args.checkpoint.parent / f"eval_{args.split}_{args.exclude}.json"
-    out.write_text(json.dumps({"split": split, "subset": args.split, "exclude": args.exclude,
-                               "targets": len(dataset), "results": results}, indent=2))
+    report = json.dumps({"split": split, "subset": args.split, "exclude": args.exclude, "targets": len(dataset),
+                         "results": results}, indent=2)
+    atomic_write(out, lambda tmp: tmp.write_text(report))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -10,6 +10,8 @@ better NDCG@10. `--resume models/<run>` continues a run at its next epoch.
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +28,8 @@ from checkpoint import load_checkpoint, save_atomic, saved_config
 from config import (DEFAULT_CONFIG, Config, TrainerConfig, build_model, load_config, make_datasets,
                     pick_device)
 from data import MovieLensData
+from errors import Interrupted, UserError, run_script
+from files import atomic_write, write_error
 from plots import plot_training_curves
 from ranking import Scorer, evaluate, model_scorer
 from speed import Step, make_training_step, speed_settings
@@ -59,6 +63,33 @@ def validation_loss(scorer: Scorer, dataset, batch_size: int) -> float:
     return total.item() / max(len(dataset), 1)
 
 
+def open_run(tc: TrainerConfig, resume: Optional[Path]) -> tuple[Path, Path]:
+    """The run's model folder and TensorBoard folder. A new run creates both and refuses names
+    already taken; a resumed run drops the temporaries a crash may have left."""
+    if resume:
+        for stale in resume.glob(".*.tmp"):
+            stale.unlink()
+        tc.run_name = resume.name
+        return resume, Path(tc.tensorboard_dir) / resume.name
+    tc.run_name = tc.run_name or time.strftime("%Y%m%d-%H%M%S")
+    run, log_dir = Path(tc.model_dir) / tc.run_name, Path(tc.tensorboard_dir) / tc.run_name
+    if run.is_dir() and {p.name for p in run.iterdir() if not p.name.endswith(".tmp")} <= {"config.yaml", "best.pt"}:
+        logger.warning(f"{run} holds a run that was killed before it saved an epoch: starting it afresh")
+        for folder in (run, log_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+    for folder, key in ((run, "model_dir"), (log_dir, "tensorboard_dir")):
+        if folder.exists():
+            raise UserError(f"{folder} already exists (trainer_config.{key} / run_name); choose another "
+                            f"trainer_config.run_name, or continue that run with --resume {run}")
+    for folder in (run, log_dir):
+        try:
+            folder.mkdir(parents=True)
+        except OSError as e:
+            shutil.rmtree(run, ignore_errors=True)
+            raise write_error(folder, e, "choose writable trainer_config.model_dir and tensorboard_dir") from None
+    return run, log_dir
+
+
 def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLensData] = None) -> Path:
     """Train as configured (or continue the run in `resume`); returns the run folder."""
     tc = config.trainer_config
@@ -83,54 +114,66 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
         generator.set_state(checkpoint["generator"])
         torch.set_rng_state(checkpoint["rng"])
         state = checkpoint["state"]
-        run = resume
-        tc.run_name = run.name
-    else:
-        tc.run_name = tc.run_name or time.strftime("%Y%m%d-%H%M%S")
-        run = Path(tc.model_dir) / tc.run_name
-        run.mkdir(parents=True, exist_ok=False)
-    (run / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
-    writer = SummaryWriter(str(Path(tc.tensorboard_dir) / tc.run_name))
-    logger.info(f"run {tc.run_name} on {device} ({speed}): {len(train_set):,} training targets, "
-                f"{len(val_set):,} validation targets, {sum(p.numel() for p in model.parameters()):,} parameters")
-
-    for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
-        model.train()
-        train_loss, samples_per_s = train_epoch(step_fn, train_set, tc, generator, writer, epoch,
-                                                schedule.last_epoch)
-        model.eval()
-        scalars = {"loss/train": train_loss, "loss/validation": validation_loss(scorer, val_set, tc.eval_batch_size),
-                   "lr": float(optimizer.param_groups[0]["lr"]), "throughput/samples_per_s": samples_per_s}
-        improved = False
-        if epoch % tc.eval_every == 0 or epoch == tc.num_epochs:
-            metrics = evaluate(scorer, val_set, ks=(10,), batch_size=tc.eval_batch_size, compiled=speed.compile)
-            scalars.update({f"metrics/validation/{k}": metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
-            improved = metrics["ndcg@10"] > state["best_ndcg"]
-            state["best_ndcg"] = max(state["best_ndcg"], metrics["ndcg@10"])
-            state["stale"] = 0 if improved else state["stale"] + 1
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, epoch)
-        writer.flush()
-        logger.info(f"epoch {epoch}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()))
-        state["epoch"] = epoch
-        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "schedule": schedule.state_dict(), "state": dict(state), "config": asdict(config),
-                      "metadata": metadata.to_dict(), "generator": generator.get_state(),
-                      "rng": torch.get_rng_state()}
-        save_atomic(checkpoint, run / "last.pt")
-        if improved:
-            save_atomic(checkpoint, run / "best.pt")
-        if tc.patience is not None and state["stale"] >= tc.patience:
-            logger.info(f"no better validation NDCG@10 for {tc.patience} evaluations: stopping")
-            break
-    writer.close()
-    plot_training_curves(Path(tc.tensorboard_dir) / tc.run_name, run / "curves.png")
+    run, log_dir = open_run(tc, resume)
+    try:
+        atomic_write(run / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False)))
+        writer = SummaryWriter(str(log_dir))
+        logger.info(f"run {tc.run_name} on {device} ({speed}): {len(train_set):,} training targets, "
+                    f"{len(val_set):,} validation targets, {sum(p.numel() for p in model.parameters()):,} parameters")
+        for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
+            model.train()
+            train_loss, samples_per_s = train_epoch(step_fn, train_set, tc, generator, writer, epoch,
+                                                    schedule.last_epoch)
+            model.eval()
+            scalars = {"loss/train": train_loss, "loss/validation": validation_loss(scorer, val_set, tc.eval_batch_size),
+                       "lr": float(optimizer.param_groups[0]["lr"]), "throughput/samples_per_s": samples_per_s}
+            improved = False
+            if epoch % tc.eval_every == 0 or epoch == tc.num_epochs:
+                metrics = evaluate(scorer, val_set, ks=(10,), batch_size=tc.eval_batch_size, compiled=speed.compile)
+                scalars.update({f"metrics/validation/{k}": metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
+                improved = metrics["ndcg@10"] > state["best_ndcg"]
+                state["best_ndcg"] = max(state["best_ndcg"], metrics["ndcg@10"])
+                state["stale"] = 0 if improved else state["stale"] + 1
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, epoch)
+            writer.flush()
+            logger.info(f"epoch {epoch}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()))
+            state["epoch"] = epoch
+            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "schedule": schedule.state_dict(), "state": dict(state), "config": asdict(config),
+                          "metadata": metadata.to_dict(), "generator": generator.get_state(),
+                          "rng": torch.get_rng_state()}
+            if improved:  # best.pt first: a crash between the two writes only repeats this epoch
+                save_atomic(checkpoint, run / "best.pt")
+            save_atomic(checkpoint, run / "last.pt")
+            if tc.patience is not None and state["stale"] >= tc.patience:
+                logger.info(f"no better validation NDCG@10 for {tc.patience} evaluations: stopping")
+                break
+        writer.close()
+    except KeyboardInterrupt:
+        kept = remove_if_unsaved(run, log_dir, state["epoch"])
+        raise Interrupted(f"the run stopped during epoch {state['epoch'] + 1}, whose progress is discarded; "
+                          f"{kept}") from None
+    except BaseException:
+        remove_if_unsaved(run, log_dir, state["epoch"])
+        raise
+    plot_training_curves(log_dir, run / "curves.png")
     logger.info(f"best validation NDCG@10 {state['best_ndcg']:.4f}; checkpoints in {run}")
     return run
 
 
+def remove_if_unsaved(run: Path, log_dir: Path, epoch: int) -> str:
+    """Remove the folders of a run that stopped before it saved an epoch; say what was kept."""
+    if (run / "last.pt").exists():
+        return f"epoch {epoch} is saved; python model_train.py --resume {run} continues with epoch {epoch + 1}"
+    for folder in (run, log_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    return f"no epoch was saved, so {run} and {log_dir} are removed"
+
+
 def main(argv: Optional[list[str]] = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
@@ -144,4 +187,4 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

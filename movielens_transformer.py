@@ -18,6 +18,9 @@ import torch.nn as nn
 from kernels import attention, dropout, gelu
 
 
+MODES = ("window", "sequence")
+
+
 @dataclass
 class TransformerConfig:
     vocab_size: int = 3885
@@ -146,7 +149,7 @@ class MovieLensTransformer(nn.Module):
 
     def __init__(self, config: MovieLensTransformerConfig):
         super().__init__()
-        if config.mode not in ("window", "sequence"):
+        if config.mode not in MODES:
             raise ValueError(f"model_config.mode must be 'window' or 'sequence', got {config.mode!r}")
         if config.init not in INITS:
             raise ValueError(f"model_config.init must be one of {sorted(INITS)}, got {config.init!r}")

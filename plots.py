@@ -19,14 +19,18 @@ from matplotlib.patches import FancyBboxPatch
 from tbparse import SummaryReader
 
 from data import DatasetMetadata
+from files import atomic_write
 
 
 def save_or_return(fig: Figure, path: Optional[Path]) -> Optional[Figure]:
     """Save a figure to path and close it, or return it for a notebook to show."""
     if path is None:
         return fig
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_training_curves(log_dir: Path, path: Optional[Path] = None):

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from data import Batch, MovieLensSequenceDataset
+from files import atomic_write
 
 METRICS = ("hr", "ndcg", "mrr", "map", "precision", "recall")
 Scorer = Callable[[Batch], torch.Tensor]
@@ -95,8 +96,9 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, fl
 def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "history",
              batch_size: int = 1024, top: int = 0,
              compiled: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Ranks of every target in dataset, and the top-`top` tokens per target when top > 0;
-    compiled: ranked in one fused pass a batch."""
+    """Ranks of every target in dataset, and the top-`top` tokens per target when top > 0 (-1
+    where fewer than `top` movies are left after the exclusion); compiled: ranked in one fused
+    pass a batch."""
     rank = ranker(compiled)
     ranks, tops = [], []
     for batch in dataset.batches(batch_size):
@@ -104,7 +106,8 @@ def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "
         scores = scorer(batch)
         ranks.append(rank(scores, batch.next_movie, excluded))
         if top:
-            tops.append(scores.masked_fill(excluded, float("-inf")).topk(top, dim=1).indices)
+            best = scores.masked_fill(excluded, float("-inf")).topk(top, dim=1)
+            tops.append(best.indices.masked_fill(best.values == float("-inf"), -1))
     return torch.cat(ranks).cpu(), (torch.cat(tops).cpu() if top else None)
 
 
@@ -124,11 +127,14 @@ def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...]) ->
 
 
 def save_predictions(path: Path, dataset: MovieLensSequenceDataset, top: torch.Tensor) -> None:
-    """user_id,rank,item_id in MovieLens ids, rank 1 first."""
+    """user_id,rank,item_id in MovieLens ids, rank 1 first (rank_all's -1 left out), written whole."""
     meta = dataset.metadata
     users = dataset.user_ids.cpu().tolist()
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["user_id", "rank", "item_id"])
-        for user, row in zip(users, top.tolist()):
-            writer.writerows((meta.user_ids[user], r, meta.movie_ids[t]) for r, t in enumerate(row, 1))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["user_id", "rank", "item_id"])
+            for user, row in zip(users, top.tolist()):
+                writer.writerows((meta.user_ids[user], r, meta.movie_ids[t]) for r, t in enumerate(row, 1) if t >= 0)
+    atomic_write(path, write)

@@ -7,6 +7,7 @@ genres, score), with every movie the user has rated removed; --png draws the row
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +15,7 @@ import torch
 
 from checkpoint import data_for_checkpoint, load_checkpoint, model_from_checkpoint
 from data import DatasetMetadata, MovieLensData, latest_windows, seen_mask
+from errors import UserError, run_script
 from plots import CardRow, draw_cards
 from ranking import model_scorer
 
@@ -31,12 +33,13 @@ def user_token(metadata: DatasetMetadata, user_id: int) -> int:
     try:
         return metadata.user_ids.index(user_id)
     except ValueError:
-        raise SystemExit(f"user {user_id} is not in {metadata.name} (user ids run from "
-                         f"{min(metadata.user_ids)} to {max(metadata.user_ids)})") from None
+        raise UserError(f"user {user_id} is not in {metadata.name}; give a user id from "
+                        f"{min(metadata.user_ids)} to {max(metadata.user_ids)}") from None
 
 
 def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--user", type=int, required=True, help="MovieLens user id")
     parser.add_argument("-k", type=int, default=10)
@@ -44,14 +47,21 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
     parser.add_argument("--history", type=int, default=5, help="recent movies to show")
     parser.add_argument("--data-dir", help="MovieLens folder (default: the checkpoint's)")
     args = parser.parse_args(argv)
+    if args.k < 1 or args.history < 0:
+        parser.error("-k must be at least 1 and --history at least 0")
 
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
     token = user_token(metadata, args.user)
     data = data_for_checkpoint(config, metadata, args.data_dir)
     movies, ratings = data.history(token)
-    print(f"user {args.user}: {len(movies)} ratings; the last {min(args.history, len(movies))}:")
-    recent = movies[-args.history:].tolist()
-    for movie, rating in zip(recent, ratings[-args.history:].tolist()):
+    unrated = metadata.num_movies - len(set(movies.tolist()))
+    if args.k > unrated:
+        raise UserError(f"-k {args.k} asks for more movies than the {unrated:,} that user {args.user} has not "
+                        f"rated; give -k {unrated} or less")
+    shown = min(args.history, len(movies))
+    print(f"user {args.user}: {len(movies)} ratings; the last {shown}:")
+    recent = movies[len(movies) - shown:].tolist()
+    for movie, rating in zip(recent, ratings[len(movies) - shown:].tolist()):
         print(f"  {metadata.movie_ids[movie]:>6}  {'*' * rating:<5}  {metadata.titles[movie]}  [{metadata.genres[movie]}]")
     tokens, scores = recommend(model, data, torch.tensor([token]), args.k)
     print(f"top {args.k} next movies (rated movies excluded):")
@@ -67,4 +77,4 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import Config, build_model, load_config, make_datasets, pick_device  # noqa: E402
+from errors import run_script  # noqa: E402
 from data import FILES, MovieLensSequenceDataset, detect_format, load_movielens, read_ratings, tokenize  # noqa: E402
 from ranking import Scorer, model_scorer, rank_all, ranker  # noqa: E402
 from speed import Step, make_training_step, speed_settings  # noqa: E402
@@ -222,8 +223,9 @@ def peak_rss(data_dir: Path, style: str, device: str, steps: int, overrides: lis
 
 # ----------------------------------------------------------------------------- main
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
@@ -232,7 +234,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override training_config.yaml for the repo's path, e.g. trainer_config.bf16=false")
     parser.add_argument("--memory-probe", choices=("fast", "post"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = pick_device(args.device)
     config = load_config(overrides=args.overrides)
     if args.memory_probe:
@@ -299,4 +301,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

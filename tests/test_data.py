@@ -106,7 +106,7 @@ def test_cache_is_used_while_valid_and_rebuilt_when_stale(tmp_path, monkeypatch)
 
 
 def test_unknown_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither ML-1M"):
+    with pytest.raises(data.DataError, match="neither ML-1M"):
         data.load_movielens(tmp_path)
 
 
@@ -139,14 +139,14 @@ def test_download_checks_extracts_and_skips(tmp_path, monkeypatch):
 def test_download_refuses_bad_checksum(tmp_path, monkeypatch):
     _serve(monkeypatch, b"payload")
     monkeypatch.setitem(data.ARCHIVES, "ml-1m", ("https://example.invalid/ml-1m.zip", "0" * 32))
-    with pytest.raises(RuntimeError, match="checksum"):
+    with pytest.raises(data.DataError, match="checksum"):
         data.download_movielens("ml-1m", tmp_path)
     assert not (tmp_path / "ml-1m").exists()
 
 
 def test_download_refuses_escaping_members(tmp_path, monkeypatch):
     _serve(monkeypatch, _zip_bytes({"ml-1m/users.dat": "", "../evil.txt": "x"}))
-    with pytest.raises(RuntimeError, match="escapes"):
+    with pytest.raises(data.DataError, match="escapes"):
         data.download_movielens("ml-1m", tmp_path / "root")
     assert not (tmp_path / "evil.txt").exists()
 
@@ -155,7 +155,7 @@ def test_download_without_network_names_url_and_folder(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(data.DataError) as error:
         data.download_movielens("ml-1m", tmp_path)
     assert data.ARCHIVES["ml-1m"][0] in str(error.value)
     assert str(tmp_path / "ml-1m") in str(error.value)

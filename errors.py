@@ -1,0 +1,57 @@
+"""Errors a user can fix, and how the scripts report them: one line, a non-zero exit, no traceback.
+
+Bad data, config, checkpoint, command line, a missing network or a folder that cannot be written
+raise a UserError (or a subclass) whose message says what is wrong, where (file and line, config
+key and where its value came from) and what to do. `run_script` prints it as `error: <message>`
+and exits with status 2; the scripts' `--debug` (or MOVIELENS_DEBUG=1) shows the traceback. Any
+other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional
+
+
+class UserError(Exception):
+    """Something the user can fix; the message names it, where it is and what to do."""
+
+    label, exit_code = "error", 2
+
+
+class ConfigError(UserError, ValueError):
+    """A config value or key that cannot be used."""
+
+
+class DataError(UserError, ValueError):
+    """A data folder or file that cannot be read as MovieLens."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A file that is not a checkpoint of this repo, or not of this data."""
+
+
+class Interrupted(UserError):
+    """Ctrl-C, with what became of the work in progress and how to go on."""
+
+    label, exit_code = "interrupted", 130
+
+
+def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[list[str]] = None) -> int:
+    """Run a script's main(argv) as a command: 0 when it returns, else the UserError's exit code
+    after its one line (`error: ...`). With --debug or MOVIELENS_DEBUG=1 it keeps its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MOVIELENS_DEBUG") == "1"
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return Interrupted.exit_code
+    except UserError as e:
+        if debug:
+            raise
+        print(f"{e.label}: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0

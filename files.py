@@ -1,0 +1,33 @@
+"""Files written whole or not at all, and one-line errors when they cannot be written."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Callable
+
+from errors import UserError
+
+REASONS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+           errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is used up"}
+
+
+def write_error(path: Path, error: OSError, remedy: str = "free space or choose a writable folder") -> UserError:
+    """A UserError for a file or folder that could not be written."""
+    return UserError(f"cannot write {path}: {REASONS.get(error.errno, error.strerror or str(error))}; {remedy}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp) to a temporary file beside path, then rename it over path, so that path holds
+    the old content or the new, never part of it. A failed write leaves no temporary behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

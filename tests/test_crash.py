@@ -1,0 +1,108 @@
+"""A run killed at any point (SIGKILL mid-epoch or mid-checkpoint, Ctrl-C) and resumed ends where
+the uninterrupted run ends, with a best.pt whose weights score the best NDCG@10 it records."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model_train
+from checkpoint import load_checkpoint, model_from_checkpoint
+from config import make_datasets
+from conftest import ROOT
+from errors import run_script
+from ranking import evaluate, model_scorer
+
+# Runs model_train.main(argv) and SIGKILLs itself at the N-th training step or at the N-th
+# torch.save, which it first leaves half-written, as a crash or a power cut would.
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import torch, model_train
+kind, at, calls = sys.argv[2], int(sys.argv[3]), 0
+
+def killing(fn):
+    def wrapped(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == at:
+            if kind == "save":
+                open(args[1], "wb").write(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args, **kwargs)
+    return wrapped
+
+if kind == "save":
+    torch.save = killing(torch.save)
+else:
+    make = model_train.make_training_step
+    model_train.make_training_step = lambda *a, **k: killing(make(*a, **k))
+model_train.main(sys.argv[4:])
+"""
+
+
+def run_args(data_dir: Path, name: str) -> list[str]:
+    pairs = [f"trainer_config.data_dir={data_dir}", "trainer_config.cache=false", "trainer_config.compile=false",
+             "trainer_config.num_epochs=3", "trainer_config.patience=null", "trainer_config.batch_size=256",
+             f"trainer_config.run_name={name}", "model_config.transformer_config.embedding_dimension=16",
+             "model_config.transformer_config.num_layers=1"]
+    return [a for p in pairs for a in ("--set", p)]
+
+
+def weights(path: Path) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ml1m_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("whole")
+    subprocess.run([sys.executable, str(ROOT / "model_train.py"), *run_args(ml1m_dir, "run")], cwd=folder,
+                   check=True, capture_output=True)
+    return folder / "models" / "run"
+
+
+def assert_best_matches_its_score(run: Path) -> None:
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert best["state"]["best_ndcg"] == last["state"]["best_ndcg"]
+    model, config, _ = model_from_checkpoint(best)
+    validation = make_datasets(config)["validation"]
+    assert evaluate(model_scorer(model), validation, ks=(10,))["ndcg@10"] == best["state"]["best_ndcg"]
+
+
+@pytest.mark.parametrize("kind,at", [("step", 5), ("step", 30), ("save", 1), ("save", 2), ("save", 5), ("save", 6)])
+def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(kind, at, uninterrupted, ml1m_dir, tmp_path):
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(ROOT), kind, str(at), *run_args(ml1m_dir, "run")],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    run = tmp_path / "models" / "run"
+    go_on = ["--resume", str(run)] if (run / "last.pt").exists() else run_args(ml1m_dir, "run")
+    subprocess.run([sys.executable, str(ROOT / "model_train.py"), *go_on], cwd=tmp_path, check=True,
+                   capture_output=True)
+    assert not list(run.glob(".*.tmp"))
+    assert_same_weights(run / "last.pt", uninterrupted / "last.pt")
+    assert_same_weights(run / "best.pt", uninterrupted / "best.pt")
+    assert_best_matches_its_score(run)
+
+
+def test_ctrl_c_says_what_was_kept_and_resume_continues(uninterrupted, ml1m_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real_epoch = model_train.train_epoch
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        if args[5] == 2:  # the epoch number
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(model_train, "train_epoch", interrupted_in_epoch_2)
+    assert run_script(model_train.main, run_args(ml1m_dir, "run")) == 130
+    message = capsys.readouterr().err.split("\r")[-1].strip()
+    assert message == ("interrupted: the run stopped during epoch 2, whose progress is discarded; epoch 1 is saved; "
+                       "python model_train.py --resume models/run continues with epoch 2")
+    monkeypatch.setattr(model_train, "train_epoch", real_epoch)
+    model_train.main(["--resume", "models/run"])
+    assert_same_weights(tmp_path / "models/run/last.pt", uninterrupted / "last.pt")

@@ -1,0 +1,245 @@
+"""Bad input gets one line that names it and a non-zero exit; nothing already written is lost."""
+import errno
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from loguru import logger
+
+import data
+import eval as evaluation
+import model_train
+import recommend
+from config import DEFAULT_CONFIG, load_config, make_datasets
+from conftest import ROOT, write_ml1m
+from errors import ConfigError, run_script
+
+FAST = ["model_config.transformer_config.embedding_dimension=16", "model_config.transformer_config.num_layers=1",
+        "trainer_config.batch_size=256", "trainer_config.compile=false"]
+
+
+def sets(*pairs: str) -> list[str]:
+    return [arg for pair in (*FAST, *pairs) for arg in ("--set", pair)]
+
+
+def one_line_error(capsys, main, argv: list[str]) -> str:
+    """Run a script's main as the command line would; its stderr, checked to be one line."""
+    capsys.readouterr()
+    code = run_script(main, argv)
+    err = capsys.readouterr().err.split("\r")[-1].strip()  # after the progress bars
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), (code, err)
+    return err
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ml1m_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("run")
+    config = load_config(overrides=[f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
+                                    f"trainer_config.model_dir={folder / 'models'}",
+                                    f"trainer_config.tensorboard_dir={folder / 'runs'}", *FAST])
+    return model_train.train(config) / "best.pt"
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_any_64_bit_timestamps_keep_each_users_order():
+    """Timestamps spanning more than 2^32 (milliseconds, one stray huge value) once interleaved users."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    ratings = pd.DataFrame({"user_id": rng.integers(1, 41, n), "movie_id": rng.integers(1, 51, n),
+                            "rating": rng.integers(1, 6, n),
+                            "timestamp": rng.integers(0, 3, n) * 10**12 + rng.integers(0, 1000, n)})
+    ratings.loc[7, "timestamp"] = 2**62
+    ratings.loc[8, "timestamp"] = -2**62
+    users, movies = pd.DataFrame({"user_id": range(1, 41)}), pd.DataFrame(
+        {"movie_id": range(1, 51), "title": "t", "genres": "g"})
+    movielens = data.tokenize("ml-1m", users, movies, ratings)
+    expected = ratings.assign(line=range(n)).sort_values(["user_id", "timestamp", "line"])
+    for u in range(40):
+        got = movielens.history(u)[0].tolist()
+        assert got == (expected[expected.user_id == u + 1].movie_id - 1).tolist()
+    assert data.time_order(np.array([1, 0, 1]), np.array([5, 2**40, -3])).tolist() == [1, 2, 0]
+
+
+def test_millisecond_timestamps_are_an_error_naming_the_line(tmp_path):
+    folder = write_ml1m(tmp_path / "ml-1m", num_users=3, num_movies=3)
+    (folder / "ratings.dat").write_text("1::7::3::978300000\n2::10::4::978300001000\n")
+    with pytest.raises(data.MovieLensFormatError, match=r"ratings.dat, line 2: timestamp 978300001000 .* seconds"):
+        data.read_movielens(folder)
+
+
+def test_duplicate_ratings_are_dropped_and_reported(tmp_path):
+    folder = write_ml1m(tmp_path / "ml-1m", num_users=3, num_movies=3)
+    (folder / "ratings.dat").write_text("1::7::3::10\n2::10::4::11\n1::7::3::10\n1::7::5::12\n1::7::3::10\n")
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        _, _, _, ratings = data.read_movielens(folder)
+    finally:
+        logger.remove(sink)
+    assert ratings.timestamp.tolist() == [10, 11, 12]  # a later re-rating is a rating of its own
+    assert len(messages) == 1 and "2 duplicate ratings" in messages[0] and "line 3" in messages[0]
+
+
+def test_an_empty_ratings_file_has_its_own_message(tmp_path):
+    folder = write_ml1m(tmp_path / "ml-1m", num_users=3, num_movies=3)
+    (folder / "ratings.dat").write_text("")
+    with pytest.raises(data.DataError, match="ratings.dat holds no ratings"):
+        data.read_movielens(folder)
+
+
+# ----------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("assignment,message", [
+    ("trainer_config.batch_size=-5", "trainer_config.batch_size is -5 (from --set); it must be at least 1"),
+    ("trainer_config.patience=0", "trainer_config.patience is 0 (from --set); it must be at least 1, or null"),
+    ("trainer_config.eval_every=0", "trainer_config.eval_every is 0"),
+    ("trainer_config.eval_batch_size=0", "trainer_config.eval_batch_size is 0"),
+    ("trainer_config.num_epochs=0", "trainer_config.num_epochs is 0"),
+    ("trainer_config.split=random", "trainer_config.split is 'random' (from --set); it must be one of"),
+    ("model_config.mode=seq", "model_config.mode is 'seq'"),
+    ("model_config.transformer_config.num_heads=5", "num_heads is 5 (from --set); it must be a divisor"),
+    ("model_config.transformer_config.attention_dropout=1.0", "attention_dropout is 1.0"),
+    ("trainer_config.optimizer=sgd", "trainer_config.optimizer is 'sgd'"),
+    ("trainer_config.batch_size=many", "trainer_config.batch_size is 'many' (from --set), which is not of type int"),
+    ("trainer_config.learning_rat=0.1", "unknown config key trainer_config.learning_rat (from --set); did you mean "
+                                        "trainer_config.learning_rate?"),
+])
+def test_a_bad_setting_fails_at_once_naming_key_and_origin(assignment, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(DEFAULT_CONFIG, [assignment])
+    assert message in str(error.value)
+
+
+def test_bad_config_files_name_the_file(tmp_path):
+    empty, broken, bad = tmp_path / "empty.yaml", tmp_path / "broken.yaml", tmp_path / "bad.yaml"
+    empty.write_text("")
+    broken.write_text("trainer_config:\n  batch_size: [1\n  seed: 2\n")
+    bad.write_text("trainer_config:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):
+        load_config(empty)
+    with pytest.raises(ConfigError, match=r"broken.yaml, line \d: not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match=r"trainer_config.batch_size is 0 \(from .*bad.yaml\)"):
+        load_config(bad)
+
+
+def test_a_context_beyond_every_history_fails_before_training(ml1m_dir):
+    config = load_config(overrides=[f"trainer_config.data_dir={ml1m_dir}",
+                                    "model_config.transformer_config.context_window_size=10000"])
+    with pytest.raises(ConfigError, match=r"context_window_size is 10000 \(from --set\), longer than every history"):
+        make_datasets(config)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+def test_errors_are_one_line_without_traceback_unless_debug(workdir, ml1m_dir):
+    command = [sys.executable, str(ROOT / "model_train.py"), "--set", "trainer_config.batch_size=-5"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: trainer_config.batch_size is -5 (from --set); "
+                                                  "it must be at least 1"]
+    debug = subprocess.run(command + ["--debug"], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_bad_data_line_is_one_line(workdir, tmp_path, capsys):
+    folder = write_ml1m(tmp_path / "bad" / "ml-1m", num_users=3, num_movies=3)
+    (folder / "ratings.dat").write_text("1::7::3::10\n1::x::3::11\n")
+    err = one_line_error(capsys, model_train.main, sets(f"trainer_config.data_dir={folder}"))
+    assert f"{folder / 'ratings.dat'}, line 2" in err
+
+
+def test_missing_and_corrupt_checkpoints_are_one_line(workdir, capsys):
+    assert "no checkpoint at nowhere.pt" in one_line_error(capsys, evaluation.main, ["--checkpoint", "nowhere.pt"])
+    Path("garbage.pt").write_bytes(b"not a checkpoint at all")
+    err = one_line_error(capsys, recommend.main, ["--checkpoint", "garbage.pt", "--user", "1"])
+    assert "garbage.pt is not a checkpoint of this repo" in err and "weights_only" not in err
+    torch.save({"x": 1}, "other.pt")
+    assert "it lacks config, metadata, model" in one_line_error(capsys, evaluation.main, ["--checkpoint", "other.pt"])
+
+
+def test_unwritable_model_folder_is_one_line_and_leaves_nothing(workdir, ml1m_dir, capsys):
+    Path("file").write_text("a file, not a folder")
+    err = one_line_error(capsys, model_train.main, sets(f"trainer_config.data_dir={ml1m_dir}",
+                                                        "trainer_config.model_dir=file/models"))
+    assert err.startswith("error: cannot write file/models/") and not Path("runs").exists()
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_how_to_go_on(workdir, ml1m_dir, capsys, monkeypatch):
+    saves = []
+    real_save = torch.save
+
+    def fill_disk_on_the_third_save(obj, path):
+        saves.append(path)
+        if len(saves) == 3:
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path)
+    monkeypatch.setattr(torch, "save", fill_disk_on_the_third_save)
+    err = one_line_error(capsys, model_train.main, sets(f"trainer_config.data_dir={ml1m_dir}",
+                                                        "trainer_config.num_epochs=3", "trainer_config.run_name=full"))
+    assert "the disk is full" in err
+    assert sorted(p.name for p in Path("models/full").iterdir()) == ["best.pt", "config.yaml", "last.pt"]
+    assert torch.load("models/full/last.pt", weights_only=True)["state"]["epoch"] == 1
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder(workdir, ml1m_dir, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(model_train, "train_epoch", interrupted)
+    code = run_script(model_train.main, sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.run_name=r"))
+    err = capsys.readouterr().err.split("\r")[-1].strip()
+    assert code == 130 and err.startswith("interrupted: the run stopped during epoch 1") and len(err.splitlines()) == 1
+    assert "no epoch was saved" in err and not Path("models/r").exists() and not Path("runs/r").exists()
+
+
+def test_two_runs_of_one_name_never_share_a_tensorboard_folder(workdir, ml1m_dir, capsys):
+    model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
+                          "trainer_config.run_name=same", "trainer_config.model_dir=a"))
+    err = one_line_error(capsys, model_train.main, sets(f"trainer_config.data_dir={ml1m_dir}",
+                                                        "trainer_config.run_name=same", "trainer_config.model_dir=b"))
+    assert "runs/same already exists" in err and not Path("b/same").exists()
+
+
+def test_eval_checks_k_before_it_writes(checkpoint, workdir, capsys):
+    report = checkpoint.parent / "eval_test_history.json"
+    evaluation.main(["--checkpoint", str(checkpoint), "--k", "10"])
+    before = report.read_text()
+    for k in ("-1", "0"):
+        with pytest.raises(SystemExit):
+            evaluation.main(["--checkpoint", str(checkpoint), "--k", k])
+    assert "more than the 200 movies" in one_line_error(capsys, evaluation.main,
+                                                         ["--checkpoint", str(checkpoint), "--k", "1500"])
+    assert report.read_text() == before
+
+
+def test_predictions_beyond_the_unrated_movies_hold_no_rated_movie(checkpoint, workdir, ml1m_dir):
+    """With K beyond what a user has left unrated, the user's list is every unrated movie."""
+    evaluation.main(["--checkpoint", str(checkpoint), "--k", "195", "--save-predictions", "pred.csv"])
+    rows = pd.read_csv("pred.csv")
+    movielens = data.load_movielens(ml1m_dir)
+    meta = movielens.metadata
+    for user in range(0, meta.num_users, 7):
+        before_test = movielens.history(user)[0][:-1].tolist()
+        seen = {meta.movie_ids[t] for t in before_test}
+        listed = rows[rows.user_id == meta.user_ids[user]].item_id.tolist()
+        assert not seen & set(listed) and len(listed) == min(195, meta.num_movies - len(seen))
+
+
+def test_recommend_checks_k(checkpoint, capsys):
+    err = one_line_error(capsys, recommend.main, ["--checkpoint", str(checkpoint), "--user", "5", "-k", "199"])
+    assert "-k 199 asks for more movies than the" in err
+    with pytest.raises(SystemExit):
+        recommend.main(["--checkpoint", str(checkpoint), "--user", "5", "-k", "0"])
