@@ -42,6 +42,10 @@ class TrainerConfig:
     min_lr_ratio: float = 0.1
     grad_clip: Optional[float] = None    # max global gradient norm; null: no clipping
     label_smoothing: float = 0.0
+    loss: str = "full"                   # full: softmax over all movies; sampled: over negatives
+    loss_chunk_rows: Optional[int] = None  # full loss in chunks of this many rows (bounds its memory)
+    negatives: str = "uniform"           # sampled loss: uniform, or in_batch (logQ-corrected)
+    num_negatives: int = 1024            # uniform negatives shared by a batch
     num_epochs: int = 1000               # upper bound; early stopping usually ends sooner
     patience: Optional[int] = 5          # evaluations without a better NDCG@10; null: never stop
     eval_every: int = 1                  # epochs between validation HR/NDCG/MRR@10
@@ -184,6 +188,13 @@ def check_values(config: Config, origins: Origins) -> None:
     need(0 <= tc.min_lr_ratio <= 1, f"{trp}.min_lr_ratio", tc.min_lr_ratio, "in [0, 1]")
     need(tc.grad_clip is None or tc.grad_clip > 0, f"{trp}.grad_clip", tc.grad_clip, "positive, or null")
     probability(tc, trp, "label_smoothing")
+    one_of(tc, trp, "loss", ("full", "sampled"))
+    one_of(tc, trp, "negatives", ("uniform", "in_batch"))
+    at_least(tc, trp, 1, "num_negatives")
+    need(tc.loss_chunk_rows is None or tc.loss_chunk_rows >= 1, f"{trp}.loss_chunk_rows", tc.loss_chunk_rows,
+         "at least 1, or null")
+    need(tc.loss == "full" or tc.label_smoothing == 0, f"{trp}.label_smoothing", tc.label_smoothing,
+         "0 with the sampled loss")
     need(tc.patience is None or tc.patience >= 1, f"{trp}.patience", tc.patience, "at least 1, or null")
     need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", tc.device) is not None, f"{trp}.device", tc.device,
          "auto, cpu, mps, cuda or cuda:N")

@@ -23,7 +23,7 @@ import urllib.request
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import pandas as pd
@@ -35,14 +35,42 @@ from tqdm import tqdm
 from errors import DataError
 from files import write_error
 
-ARCHIVES = {
-    "ml-1m": ("https://files.grouplens.org/datasets/movielens/ml-1m.zip",
-              "c4d9eecfca2ab87c1945afe126590906"),
-    "ml-100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip",
-                "0e33842e24a9c977be4e0107933c0723"),
+GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+
+
+class Release(NamedTuple):
+    """A MovieLens release: its archive, the folder inside it, and its size as GroupLens published it
+    (tests/test_real_data.py checks a full read against it for each release it finds)."""
+
+    url: str
+    md5: str
+    folder: str          # the archive's top folder, moved to data_dir
+    format: str          # a key of FILES
+    sizes: tuple[int, int, int]  # ratings, users, movies
+
+
+RELEASES = {
+    "ml-100k": Release(f"{GROUPLENS}/ml-100k.zip", "0e33842e24a9c977be4e0107933c0723", "ml-100k", "ml-100k",
+                       (100_000, 943, 1_682)),
+    "ml-1m": Release(f"{GROUPLENS}/ml-1m.zip", "c4d9eecfca2ab87c1945afe126590906", "ml-1m", "ml-1m",
+                     (1_000_209, 6_040, 3_883)),
+    "ml-10m": Release(f"{GROUPLENS}/ml-10m.zip", "ce571fd55effeba0271552578f2648bd", "ml-10M100K", "ml-10m",
+                      (10_000_054, 69_878, 10_681)),
+    "ml-20m": Release(f"{GROUPLENS}/ml-20m.zip", "cd245b17a1ae2cc31bb14903e1204af3", "ml-20m", "csv",
+                      (20_000_263, 138_493, 27_278)),
+    "ml-25m": Release(f"{GROUPLENS}/ml-25m.zip", "6b51fb2759a8657d3bfcbfc42b592ada", "ml-25m", "csv",
+                      (25_000_095, 162_541, 62_423)),
+    "ml-32m": Release(f"{GROUPLENS}/ml-32m.zip", "d472be332d4daa821edc399621853b57", "ml-32m", "csv",
+                      (32_000_204, 200_948, 87_585)),
 }
+# the files that identify each format, the ratings file last; checked in this order (ML-10M's
+# files are a subset of ML-1M's). ml-latest-small has the csv format and no fixed checksum.
 FILES = {"ml-1m": ("users.dat", "movies.dat", "ratings.dat"),
-         "ml-100k": ("u.user", "u.item", "u.data")}
+         "ml-100k": ("u.user", "u.item", "u.data"),
+         "ml-10m": ("movies.dat", "ratings.dat"),
+         "csv": ("movies.csv", "ratings.csv")}
+CSV_RATINGS_HEADER = ["userId", "movieId", "rating", "timestamp"]
+CSV_MOVIES_HEADER = ["movieId", "title", "genres"]
 SPLITS = ("leave_one_out", "random_windows")
 SUBSETS = ("train", "validation", "test")
 LATEST_TIMESTAMP = 4_102_444_800  # 2100-01-01 in Unix seconds: later ones are milliseconds or garbage
@@ -63,34 +91,42 @@ class MovieLensFormatError(DataError):
 # ----------------------------------------------------------------------------- download
 
 def download_movielens(name: str, root: str | Path) -> Path:
-    """Download and unpack a MovieLens archive into root/name unless its files are there."""
-    if name not in ARCHIVES:
-        raise DataError(f"unknown MovieLens data set {name!r}; known: {sorted(ARCHIVES)}")
+    """Download and unpack a MovieLens release into root/name unless its files are there."""
+    if name not in RELEASES:
+        raise DataError(f"unknown MovieLens release {name!r}; known: {', '.join(RELEASES)}")
+    release = RELEASES[name]
     root = Path(root)
     target = root / name
-    if all((target / f).is_file() for f in FILES[name]):
+    if all((target / f).is_file() for f in FILES[release.format]):
         return target
-    url, md5 = ARCHIVES[name]
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
             archive = Path(tmp) / f"{name}.zip"
             try:
-                _fetch(url, archive)
+                _fetch(release.url, archive)
             except urllib.error.URLError as e:
-                raise DataError(f"could not download {url} ({e.reason}); download it by hand and unpack "
-                                f"it so that {target}/ holds {', '.join(FILES[name])}") from None
-            digest = hashlib.md5(archive.read_bytes()).hexdigest()
-            if digest != md5:
-                raise DataError(f"{url}: checksum {digest} differs from GroupLens' {md5}; "
+                raise DataError(f"could not download {release.url} ({e.reason}); download it by hand and unpack "
+                                f"it so that {target}/ holds {', '.join(FILES[release.format])}") from None
+            digest = _md5(archive)
+            if digest != release.md5:
+                raise DataError(f"{release.url}: checksum {digest} differs from GroupLens' {release.md5}; "
                                 "download it again, or by hand")
             _safe_extract(archive, Path(tmp) / "out")
             if target.exists():
                 shutil.rmtree(target)
-            os.replace(Path(tmp) / "out" / name, target)
+            os.replace(Path(tmp) / "out" / release.folder, target)
     except OSError as e:
         raise write_error(target, e, "choose a writable data_dir, or download the data by hand") from None
     return target
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fetch(url: str, dest: Path) -> None:
@@ -114,24 +150,25 @@ def _safe_extract(archive: Path, dest: Path) -> None:
 
 
 def detect_format(data_dir: str | Path) -> str:
-    """'ml-1m' or 'ml-100k', recognised by the files in data_dir."""
+    """The format of a MovieLens folder (a key of FILES), recognised by its files."""
     data_dir = Path(data_dir)
     for name, files in FILES.items():
         if all((data_dir / f).is_file() for f in files):
             return name
-    raise DataNotFound(f"{data_dir} holds neither ML-1M ({', '.join(FILES['ml-1m'])}) nor ML-100K "
-                       f"({', '.join(FILES['ml-100k'])}); point data_dir at one, or at an empty folder "
-                       f"named {' or '.join(ARCHIVES)} to download it")
+    raise DataNotFound(f"{data_dir} holds no MovieLens files (ML-1M: {', '.join(FILES['ml-1m'])}; ML-100K: "
+                       f"{', '.join(FILES['ml-100k'])}; ML-10M: {', '.join(FILES['ml-10m'])}; ML-20M/25M/32M: "
+                       f"{', '.join(FILES['csv'])}); point data_dir at one, or at a folder named after a release "
+                       f"({', '.join(RELEASES)}) to download it")
 
 
 def ensure_movielens(data_dir: str | Path) -> Path:
-    """data_dir if it holds MovieLens files, else download the set its folder name names."""
+    """data_dir if it holds MovieLens files, else download the release its folder name names."""
     data_dir = Path(data_dir)
     try:
         detect_format(data_dir)
         return data_dir
     except DataNotFound:
-        if data_dir.name not in ARCHIVES:
+        if data_dir.name not in RELEASES:
             raise
     return download_movielens(data_dir.name, data_dir.parent)
 
@@ -139,63 +176,84 @@ def ensure_movielens(data_dir: str | Path) -> Path:
 # ----------------------------------------------------------------------------- parsing
 
 def _split_lines(path: Path, sep: str, n_fields: int, int_fields: tuple[int, ...],
-                 encoding: str = "ISO-8859-1") -> list[list]:
-    """Parse a small delimited file line by line, with errors that name file and line."""
+                 encoding: Optional[str] = "ISO-8859-1", float_fields: tuple[int, ...] = (),
+                 skip: int = 0) -> list[list]:
+    """Parse a small delimited file line by line (after `skip` header lines), with errors that
+    name file and line. encoding None: UTF-8 where the file decodes as such, else ISO-8859-1."""
+    text = _read_text(path) if encoding is None else path.read_text(encoding=encoding)
     rows = []
-    for number, line in enumerate(path.read_text(encoding=encoding).splitlines(), 1):
+    for number, line in enumerate(text.splitlines()[skip:], 1 + skip):
         fields = line.split(sep)
         if len(fields) != n_fields:
             raise MovieLensFormatError(f"{path}, line {number}: expected {n_fields} fields "
                                        f"separated by {sep!r}, found {len(fields)}")
-        for i in int_fields:
+        for i, kind in [(i, int) for i in int_fields] + [(i, float) for i in float_fields]:
             try:
-                fields[i] = int(fields[i])
+                fields[i] = kind(fields[i])
             except ValueError:
                 raise MovieLensFormatError(f"{path}, line {number}: field {i + 1} "
-                                           f"{fields[i]!r} is not an integer") from None
+                                           f"{fields[i]!r} is not {'an integer' if kind is int else 'a number'}") from None
         rows.append(fields)
     return rows
 
 
-def read_ratings(path: str | Path, sep: str) -> pd.DataFrame:
+RATING_COLUMNS = ["user_id", "movie_id", "rating", "timestamp"]
+
+
+def _parse_ratings(path: Path, sep: str, header: bool) -> pd.DataFrame:
+    """The C parser's reading of a ratings file; ValueError when it is not four numeric columns."""
+    if sep == "::":  # split on ':' and keep every other column: the C parser takes one char
+        frame = pd.read_csv(path, sep=":", header=None, engine="c", skip_blank_lines=False)
+        if frame.shape[1] != 7 or frame[[1, 3, 5]].notna().to_numpy().any():
+            raise ValueError
+        frame = frame[[0, 2, 4, 6]]
+    else:
+        frame = pd.read_csv(path, sep=sep, header=0 if header else None, engine="c", skip_blank_lines=False,
+                            dtype={"rating": np.float32} if header else None)
+        if header and list(frame.columns) != CSV_RATINGS_HEADER:
+            raise MovieLensFormatError(f"{path}, line 1: the header is {','.join(map(str, frame.columns))}, "
+                                       f"not {','.join(CSV_RATINGS_HEADER)}")
+        if frame.shape[1] != 4:
+            raise ValueError
+    frame.columns = RATING_COLUMNS
+    ids = ["user_id", "movie_id", "timestamp"]
+    if not all(pd.api.types.is_integer_dtype(frame[c]) for c in ids) or not pd.api.types.is_numeric_dtype(frame.rating):
+        raise ValueError
+    return pd.DataFrame({"user_id": frame.user_id.to_numpy(np.int64), "movie_id": frame.movie_id.to_numpy(np.int64),
+                         "rating": frame.rating.to_numpy(np.float32), "timestamp": frame.timestamp.to_numpy(np.int64)})
+
+
+def read_ratings(path: str | Path, sep: str, header: bool = False) -> pd.DataFrame:
     """Read a ratings file (user, movie, rating, timestamp) with the C parser.
 
-    `sep` is '::' (ML-1M) or '\\t' (ML-100K). Any malformed line is located by a
+    `sep` is '::' (ML-1M, ML-10M), '\t' (ML-100K) or ',' (the csv releases, with a header).
+    Ratings are stars, whole or half, from 0.5 to 5. Any malformed line is located by a
     line-by-line scan so that the error names it.
     """
     path = Path(path)
-    names = ["user_id", "movie_id", "rating", "timestamp"]
+    first = 2 if header else 1  # the file line of the first rating
     try:
-        if sep == "::":  # split on ':' and keep every other column: the C parser takes one char
-            frame = pd.read_csv(path, sep=":", header=None, engine="c", skip_blank_lines=False)
-            if frame.shape[1] != 7 or frame[[1, 3, 5]].notna().to_numpy().any():
-                raise ValueError
-            frame = frame[[0, 2, 4, 6]]
-        else:
-            frame = pd.read_csv(path, sep=sep, header=None, engine="c", skip_blank_lines=False)
-            if frame.shape[1] != 4:
-                raise ValueError
-        frame.columns = names
-        if not all(pd.api.types.is_integer_dtype(frame[c]) for c in names):
-            raise ValueError
-        frame = frame.astype(np.int64)
+        frame = _parse_ratings(path, sep, header)
     except pd.errors.EmptyDataError:  # before ValueError, of which it is one
-        frame = pd.DataFrame({n: np.zeros(0, np.int64) for n in names})
+        frame = pd.DataFrame({n: np.zeros(0, np.float32 if n == "rating" else np.int64) for n in RATING_COLUMNS})
+    except MovieLensFormatError:
+        raise
     except (ValueError, pd.errors.ParserError, TypeError):
-        _split_lines(path, sep, 4, (0, 1, 2, 3))  # raises with the line's number
+        _split_lines(path, sep, 4, (0, 1, 3), float_fields=(2,), skip=first - 1)  # raises naming the line
         raise MovieLensFormatError(f"{path}: could not be parsed as {sep!r}-separated ratings")
-    bad = np.flatnonzero((frame.rating < 1) | (frame.rating > 5))
+    stars = frame.rating.to_numpy() * 2
+    bad = np.flatnonzero((stars < 1) | (stars > 10) | (stars != np.round(stars)))
     if len(bad):
-        raise MovieLensFormatError(f"{path}, line {bad[0] + 1}: rating {frame.rating.iat[bad[0]]} "
-                                   "is outside 1..5")
+        raise MovieLensFormatError(f"{path}, line {bad[0] + first}: rating {frame.rating.iat[bad[0]]:g} "
+                                   "is not a star rating from 0.5 to 5 in whole or half stars")
     bad = np.flatnonzero((frame.timestamp < 0) | (frame.timestamp >= LATEST_TIMESTAMP))
     if len(bad):
-        raise MovieLensFormatError(f"{path}, line {bad[0] + 1}: timestamp {frame.timestamp.iat[bad[0]]} is not a "
-                                   "Unix time in seconds between 1970 and 2100; give timestamps in seconds")
+        raise MovieLensFormatError(f"{path}, line {bad[0] + first}: timestamp {frame.timestamp.iat[bad[0]]} is not "
+                                   "a Unix time in seconds between 1970 and 2100; give timestamps in seconds")
     return frame
 
 
-def drop_duplicate_ratings(ratings: pd.DataFrame, path: Path) -> pd.DataFrame:
+def drop_duplicate_ratings(ratings: pd.DataFrame, path: Path, first_line: int) -> pd.DataFrame:
     """ratings without repeats of a line's user, movie and timestamp (the first of each kept),
     with a warning that gives their number and the first repeat's line."""
     users, movies = ratings.user_id.to_numpy(), ratings.movie_id.to_numpy()
@@ -205,40 +263,80 @@ def drop_duplicate_ratings(ratings: pd.DataFrame, path: Path) -> pd.DataFrame:
         return ratings
     repeat = ratings.duplicated(["user_id", "movie_id", "timestamp"]).to_numpy()
     if repeat.any():
-        logger.warning(f"{path}: {repeat.sum():,} duplicate ratings (same user, movie and timestamp as an "
-                       f"earlier line; the first at line {np.argmax(repeat) + 1}) dropped, the first of each kept")
+        logger.warning(f"{path}: {repeat.sum():,} duplicate ratings (same user, movie and timestamp as an earlier "
+                       f"line; the first at line {np.argmax(repeat) + first_line}) dropped, the first of each kept")
     return ratings[~repeat].reset_index(drop=True)
 
 
+def _read_text(path: Path) -> str:
+    """A movies file's text: UTF-8 where it decodes (the newer releases), else ISO-8859-1 (ML-1M)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("ISO-8859-1")
+
+
+def _read_movies_csv(path: Path) -> pd.DataFrame:
+    """movies.csv: movieId,title,genres, titles with commas or quotes quoted as CSV."""
+    try:
+        movies = pd.read_csv(io.StringIO(_read_text(path)), dtype={"movieId": np.int64, "title": str, "genres": str},
+                             keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise MovieLensFormatError(f"{path}: not movieId,title,genres CSV ({str(e).splitlines()[0]})") from None
+    if list(movies.columns) != CSV_MOVIES_HEADER:
+        raise MovieLensFormatError(f"{path}, line 1: the header is {','.join(movies.columns)}, "
+                                   f"not {','.join(CSV_MOVIES_HEADER)}")
+    return movies.set_axis(["movie_id", "title", "genres"], axis=1)
+
+
+def _read_movies_dat(path: Path, **encoding) -> pd.DataFrame:
+    rows = _split_lines(path, "::", 3, (0,), **encoding)
+    return pd.DataFrame(rows, columns=["movie_id", "title", "genres"])
+
+
 def read_movielens(data_dir: str | Path) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(name, users, movies, ratings) from an ML-1M or ML-100K folder, ratings in file order."""
+    """(name, users, movies, ratings) of a MovieLens folder, ratings in file order. The name is
+    the format's, or for the csv format the release the folder is named after."""
     data_dir = Path(data_dir)
-    name = detect_format(data_dir)
-    if name == "ml-1m":
-        users = _split_lines(data_dir / "users.dat", "::", 5, (0,))
-        movies = [(m, t, g) for m, t, g in _split_lines(data_dir / "movies.dat", "::", 3, (0,))]
+    fmt = detect_format(data_dir)
+    users_file = None
+    if fmt == "ml-1m":
+        users_file = data_dir / "users.dat"
+        users = [row[0] for row in _split_lines(users_file, "::", 5, (0,))]
+        movies = _read_movies_dat(data_dir / "movies.dat")
+        ratings = read_ratings(data_dir / "ratings.dat", "::")
+    elif fmt == "ml-100k":
+        users_file = data_dir / "u.user"
+        users = [row[0] for row in _split_lines(users_file, "|", 5, (0,))]
+        movies = pd.DataFrame([(row[0], row[1], "|".join(g for g, flag in zip(ML100K_GENRES, row[5:]) if flag == "1"))
+                               for row in _split_lines(data_dir / "u.item", "|", 24, (0,))],
+                              columns=["movie_id", "title", "genres"])
+        ratings = read_ratings(data_dir / "u.data", "\t")
+    elif fmt == "ml-10m":
+        movies = _read_movies_dat(data_dir / "movies.dat", encoding=None)
         ratings = read_ratings(data_dir / "ratings.dat", "::")
     else:
-        users = _split_lines(data_dir / "u.user", "|", 5, (0,))
-        movies = [(row[0], row[1], "|".join(g for g, flag in zip(ML100K_GENRES, row[5:]) if flag == "1"))
-                  for row in _split_lines(data_dir / "u.item", "|", 24, (0,))]
-        ratings = read_ratings(data_dir / "u.data", "\t")
-    users = pd.DataFrame({"user_id": [row[0] for row in users]})
-    movies = pd.DataFrame(movies, columns=["movie_id", "title", "genres"])
-    ratings_file = data_dir / FILES[name][2]
+        movies = _read_movies_csv(data_dir / "movies.csv")
+        ratings = read_ratings(data_dir / "ratings.csv", ",", header=True)
+    ratings_file, first_line = data_dir / FILES[fmt][-1], 2 if fmt == "csv" else 1
     if ratings.empty:
         raise DataError(f"{ratings_file} holds no ratings; restore the file, or download the data set again")
-    ratings = drop_duplicate_ratings(ratings, ratings_file)
-    for frame, key, file in ((users, "user_id", FILES[name][0]), (movies, "movie_id", FILES[name][1])):
+    if users_file is None:  # ML-10M and the csv releases have no users file: users are who rated
+        users = np.unique(ratings.user_id.to_numpy())
+    users = pd.DataFrame({"user_id": users})
+    for frame, key, file in ((users, "user_id", users_file), (movies, "movie_id", data_dir / FILES[fmt][-2])):
         duplicated = frame[key].duplicated().to_numpy()
         if duplicated.any():
-            raise MovieLensFormatError(f"{data_dir / file}, line {np.argmax(duplicated) + 1}: "
+            raise MovieLensFormatError(f"{file}, line {np.argmax(duplicated) + 1 + (fmt == 'csv')}: "
                                        f"{key} {frame[key].iat[np.argmax(duplicated)]} repeats")
         unknown = ~ratings[key].isin(frame[key]).to_numpy()
         if unknown.any():
             line = int(np.argmax(unknown))
-            raise MovieLensFormatError(f"{ratings_file}, line {line + 1}: {key} "
-                                       f"{ratings[key].iat[line]} is not in {data_dir / file}")
+            raise MovieLensFormatError(f"{ratings_file}, line {line + first_line}: {key} "
+                                       f"{ratings[key].iat[line]} is not in {file}")
+    ratings = drop_duplicate_ratings(ratings, ratings_file, first_line)
+    name = data_dir.name if fmt == "csv" and data_dir.name in RELEASES else fmt
     return name, users, movies, ratings
 
 
@@ -292,7 +390,7 @@ class MovieLensData:
 
     metadata: DatasetMetadata
     sequence: torch.Tensor          # int64 [sum(n_u + 2)]
-    sequence_ratings: torch.Tensor  # int8 [sum(n_u + 2)]
+    sequence_ratings: torch.Tensor  # float32 [sum(n_u + 2)], stars
     offsets: torch.Tensor           # int64 [U]
     lengths: torch.Tensor           # int64 [U]
 
@@ -348,7 +446,7 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
     offsets = np.concatenate(([0], np.cumsum(lengths + 2)[:-1]))
     sequence = np.full(int((lengths + 2).sum()), metadata.sos, dtype=np.int64)
     sequence[offsets + lengths + 1] = metadata.eos
-    sequence_ratings = np.full(len(sequence), SOS_RATING, dtype=np.int8)
+    sequence_ratings = np.full(len(sequence), SOS_RATING, dtype=np.float32)
     sequence_ratings[offsets + lengths + 1] = EOS_RATING
     slots = np.arange(len(user)) + 2 * user + 1  # the i-th rating of the sorted order
     sequence[slots] = movie
@@ -357,7 +455,7 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
 
 
 CACHE_NAME = ".movielens_cache.pt"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def _cache_key(data_dir: Path) -> dict:
@@ -412,11 +510,12 @@ def last_training_position(lengths: np.ndarray) -> np.ndarray:
     return np.where(lengths >= 3, lengths - 2, lengths)
 
 
-def window_index(offsets: np.ndarray, user: np.ndarray, before: np.ndarray, context_window_size: int) -> np.ndarray:
+def window_index(offsets: torch.Tensor, user: torch.Tensor, before: torch.Tensor,
+                 context_window_size: int) -> torch.Tensor:
     """Flat sequence slots [N, context_window_size] of the tokens just before position `before` of each user,
     left-padded with the user's SOS."""
     c = context_window_size
-    return offsets[user][:, None] + np.maximum(before[:, None] - c + np.arange(c), 0)
+    return offsets[user][:, None] + (before[:, None] - c + torch.arange(c, device=before.device)).clamp(min=0)
 
 
 def split_positions(data: MovieLensData, split: str, subset: str, context_window_size: int,
@@ -469,9 +568,9 @@ class Batch(NamedTuple):
         real = (self.history_length + 1).clamp(max=t)  # the movies before the target, and SOS
         return torch.arange(t, device=real.device)[None, :] < (t - real)[:, None]
 
-    def logits_and_targets(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's logits for each window's next movie, and that movie."""
-        return model(self.movie_ids, self.user_ids, self.padding_mask), self.next_movie
+    def hidden_and_targets(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's last hidden layer for each window's next movie, and that movie."""
+        return model.hidden(self.movie_ids, self.user_ids, self.padding_mask), self.next_movie
 
     def num_targets(self) -> int:
         return len(self.next_movie)
@@ -507,15 +606,16 @@ def latest_windows(data: MovieLensData, users: torch.Tensor, context_window_size
     The target slot holds EOS: the next movie is unknown.
     """
     n = data.lengths[users]
-    index = torch.from_numpy(window_index(data.offsets.numpy(), users.numpy(), n.numpy() + 1,
-                                          context_window_size))
+    index = window_index(data.offsets, users, n + 1, context_window_size)
     eos = torch.full_like(users, data.metadata.eos)
     return Batch(data.sequence[index], data.sequence_ratings[index], users, eos,
                  torch.zeros_like(users), n)
 
 
 class MovieLensSequenceDataset(Dataset):
-    """Next-movie windows of one subset, all held as tensors.
+    """Next-movie windows of one subset: each a user and a target position, its window gathered
+    from the user's sequence when a batch is made, so memory grows with the number of targets,
+    not with targets times the context.
 
     Items are `(movie_ids, ratings, user_id, next_movie, next_rating)` as in the post, so
     `DataLoader` code works; `batches()` is the fast path: shuffled index slices of tensors that
@@ -534,16 +634,13 @@ class MovieLensSequenceDataset(Dataset):
         self.data, self.subset, self.split = data, subset, split
         self.metadata = data.metadata
         self.context_window_size, self.window_stride, self.seed = context_window_size, window_stride, seed
-        user, position = split_positions(data, split, subset, context_window_size, window_stride, seed)
-        start = data.offsets.numpy()[user]
-        index = window_index(data.offsets.numpy(), user, position, context_window_size)
-        self.movie_ids = torch.from_numpy(data.sequence.numpy()[index])
-        self.ratings = torch.from_numpy(data.sequence_ratings.numpy()[index])
-        self.user_ids = torch.from_numpy(user)
-        self.next_movie = data.sequence[start + position]
-        self.next_rating = data.sequence_ratings[start + position]
-        self.history_length = torch.from_numpy(position - 1)
-        self.device_data = data  # the sequence layout on the dataset's device, for seen_mask
+        user, position = (torch.from_numpy(a) for a in
+                          split_positions(data, split, subset, context_window_size, window_stride, seed))
+        self.user_ids, self.positions = user, position
+        self.next_movie = data.sequence[data.offsets[user] + position]
+        self.next_rating = data.sequence_ratings[data.offsets[user] + position]
+        self.history_length = position - 1
+        self.device_data = data  # the sequence layout on the dataset's device
 
     def __len__(self) -> int:
         return len(self.next_movie)
@@ -552,23 +649,39 @@ class MovieLensSequenceDataset(Dataset):
         return -(-len(self) // batch_size)
 
     def __getitem__(self, i: int):
-        return (self.movie_ids[i], self.ratings[i], self.user_ids[i], self.next_movie[i],
-                self.next_rating[i])
+        movie_ids, ratings = self.windows(torch.tensor([i]))
+        return movie_ids[0], ratings[0], self.user_ids[i], self.next_movie[i], self.next_rating[i]
+
+    def windows(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(movie tokens, ratings) [N, context] of the windows at index, gathered from the sequences."""
+        slots = window_index(self.device_data.offsets, self.user_ids[index], self.positions[index],
+                             self.context_window_size)
+        return self.device_data.sequence[slots], self.device_data.sequence_ratings[slots]
+
+    @property
+    def movie_ids(self) -> torch.Tensor:
+        """Every window's movie tokens [N, context], gathered: for inspection, not for training."""
+        return self.windows(slice(None))[0]
+
+    @property
+    def ratings(self) -> torch.Tensor:
+        """Every window's ratings [N, context], gathered: for inspection, not for training."""
+        return self.windows(slice(None))[1]
 
     @property
     def device(self) -> torch.device:
-        return self.movie_ids.device
+        return self.user_ids.device
 
     def to(self, device: str | torch.device) -> "MovieLensSequenceDataset":
         """Move every tensor (the shared sequence layout too) to device, in place."""
-        for key in ("movie_ids", "ratings", "user_ids", "next_movie", "next_rating", "history_length"):
+        for key in ("user_ids", "positions", "next_movie", "next_rating", "history_length"):
             setattr(self, key, getattr(self, key).to(device))
         self.device_data = self.data.to(device)
         return self
 
     def batch(self, index: torch.Tensor) -> Batch:
-        return Batch(self.movie_ids[index], self.ratings[index], self.user_ids[index],
-                     self.next_movie[index], self.next_rating[index], self.history_length[index])
+        return Batch(*self.windows(index), self.user_ids[index], self.next_movie[index], self.next_rating[index],
+                     self.history_length[index])
 
     def batches(self, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | None = None) -> Iterator[Batch]:
@@ -581,6 +694,10 @@ class MovieLensSequenceDataset(Dataset):
 
     def seen_mask(self, batch: Batch, exclude: str = "history") -> torch.Tensor:
         return seen_mask(self.device_data, batch, exclude)
+
+    def target_counts(self) -> torch.Tensor:
+        """How often each token is a target here, [vocab]: the in-batch negatives' sampling rates."""
+        return torch.bincount(self.next_movie.cpu(), minlength=self.metadata.vocab_size)
 
     def training_popularity(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(count, mean rating) per token over this split's training interactions, whichever
@@ -614,9 +731,9 @@ class ChunkBatch(NamedTuple):
     loss_mask: torch.Tensor     # [B, T] positions whose target this chunk trains on
     padding_mask: torch.Tensor  # [B, T] positions before the user's SOS
 
-    def logits_and_targets(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's logits at every trained position, and the movie that follows each."""
-        return (model.sequence_logits(self.movie_ids, self.user_ids, self.padding_mask, self.loss_mask),
+    def hidden_and_targets(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's last hidden layer at every trained position, and the movie that follows each."""
+        return (model.sequence_hidden(self.movie_ids, self.user_ids, self.padding_mask, self.loss_mask),
                 self.targets[self.loss_mask])
 
     def num_targets(self) -> torch.Tensor:
@@ -652,6 +769,13 @@ class SequenceChunks:
         expected_chunks = int((self.last_target >= 1).sum()) + len(self) / self.context_window_size
         return -(-int(expected_chunks) // batch_size)
 
+    def target_counts(self) -> torch.Tensor:
+        """How often each token is a training target, [vocab]: the in-batch negatives' sampling rates."""
+        users = np.arange(len(self.last_target))
+        user, p = _regular_positions(users, np.ones_like(self.last_target), self.last_target, 1)
+        targets = self.data.sequence[torch.from_numpy(self.data.offsets.numpy()[user] + p)]
+        return torch.bincount(targets, minlength=self.metadata.vocab_size)
+
     def to(self, device: str | torch.device) -> "SequenceChunks":
         self.device = torch.device(device)
         return self
@@ -669,11 +793,11 @@ class SequenceChunks:
         end = np.where(k == 0, newest_end, newest_end - np.repeat(shift, counts) - (k - 1) * c)
         lower = np.where(k == 0, end - np.repeat(shift, counts), end - c)  # covers (lower, end]
         position = end[:, None] - c + 1 + np.arange(c)  # target positions
-        offsets, sequence = self.data.offsets.numpy(), self.data.sequence.numpy()
-        tensors = (sequence[window_index(offsets, user, end, c)], user,
-                   sequence[window_index(offsets, user, end + 1, c)],
-                   (position > lower[:, None]) & (position >= 1), position - 1 < 0)
-        return ChunkBatch(*(torch.from_numpy(t).to(self.device) for t in tensors))
+        offsets, sequence = self.data.offsets, self.data.sequence
+        user, end = torch.from_numpy(user), torch.from_numpy(end)
+        tensors = (sequence[window_index(offsets, user, end, c)], user, sequence[window_index(offsets, user, end + 1, c)],
+                   torch.from_numpy((position > lower[:, None]) & (position >= 1)), torch.from_numpy(position - 1 < 0))
+        return ChunkBatch(*(t.to(self.device) for t in tensors))
 
     def batches(self, batch_size: int, shuffle: bool = True,
                 generator: torch.Generator | None = None) -> Iterator[ChunkBatch]:

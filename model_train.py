@@ -33,7 +33,7 @@ from files import atomic_write, write_error
 from plots import plot_training_curves
 from ranking import Scorer, evaluate, model_scorer
 from speed import Step, make_training_step, speed_settings
-from training import load_optimizer_state, make_optimizer, make_schedule
+from training import load_optimizer_state, make_loss, make_optimizer, make_schedule
 
 
 def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Generator,
@@ -102,7 +102,7 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
     model = build_model(config, metadata).to(device)
     optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
     schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size))
-    step_fn = make_training_step(model, optimizer, schedule, tc, speed, device)
+    step_fn = make_training_step(model, make_loss(tc, train_set), optimizer, schedule, tc, speed, device)
     scorer = model_scorer(model, compiled=speed.compile)
     generator = torch.Generator().manual_seed(tc.seed)
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}

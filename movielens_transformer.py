@@ -140,6 +140,12 @@ class InteractionMLP(nn.Module):
         layers.append(nn.Linear(([input_size, *hidden_sizes])[-1], output_size, bias=False))
         self.net = nn.Sequential(*layers)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The input after every layer but the projection to logits."""
+        for layer in self.net[:-1]:
+            x = layer(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
@@ -176,24 +182,40 @@ class MovieLensTransformer(nn.Module):
         users = self.user_embedding(user_ids)[:, None, :].expand(-1, movie_ids.shape[1], -1)
         return torch.cat([states, users], dim=-1)
 
-    def forward(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
-                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B, vocab] logits for the movie after each input window.
+    def hidden(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
+               padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, H]: the interaction MLP's last hidden layer for the movie after each input window,
+        which output_weight turns into logits.
 
         padding_mask: bool [B, T], True at left padding. The sequence mode masks those positions;
         the post's window model reads the whole window, its SOS padding included, as tokens."""
         b, t = movie_ids.shape
         if self.config.mode == "sequence":
-            return self.interaction_mlp(self._features(movie_ids, user_ids, padding_mask)[:, -1])
+            return self.interaction_mlp.hidden(self._features(movie_ids, user_ids, padding_mask)[:, -1])
         if t != self.config.transformer_config.context_window_size:
             raise ValueError(f"window of length {t}; the model takes exactly "
                              f"{self.config.transformer_config.context_window_size}")
-        return self.interaction_mlp(self._features(movie_ids, user_ids, None).reshape(b, -1))
+        return self.interaction_mlp.hidden(self._features(movie_ids, user_ids, None).reshape(b, -1))
+
+    def sequence_hidden(self, movie_ids: torch.Tensor, user_ids: torch.Tensor, padding_mask: torch.Tensor,
+                        select: torch.Tensor) -> torch.Tensor:
+        """[N, H]: the last hidden layer at the N positions where select is True (sequence mode)."""
+        return self.interaction_mlp.hidden(self._features(movie_ids, user_ids, padding_mask)[select])
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """[vocab, H]: logits = hidden @ output_weight.T (the movie embeddings when tied)."""
+        return self.interaction_mlp.net[-1].weight
+
+    def forward(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, vocab] logits for the movie after each input window (see hidden)."""
+        return self.interaction_mlp.net[-1](self.hidden(movie_ids, user_ids, padding_mask))
 
     def sequence_logits(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
                         padding_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
         """[N, vocab] logits at the N positions where select is True (sequence mode)."""
-        return self.interaction_mlp(self._features(movie_ids, user_ids, padding_mask)[select])
+        return self.interaction_mlp.net[-1](self.sequence_hidden(movie_ids, user_ids, padding_mask, select))
 
 
 def _init_weights(module: nn.Module, fill) -> None:

@@ -62,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
     print(f"user {args.user}: {len(movies)} ratings; the last {shown}:")
     recent = movies[len(movies) - shown:].tolist()
     for movie, rating in zip(recent, ratings[len(movies) - shown:].tolist()):
-        print(f"  {metadata.movie_ids[movie]:>6}  {'*' * rating:<5}  {metadata.titles[movie]}  [{metadata.genres[movie]}]")
+        print(f"  {metadata.movie_ids[movie]:>6}  {rating:g} stars  {metadata.titles[movie]}  [{metadata.genres[movie]}]")
     tokens, scores = recommend(model, data, torch.tensor([token]), args.k)
     print(f"top {args.k} next movies (rated movies excluded):")
     result = []

@@ -24,7 +24,7 @@ import torch
 from loguru import logger
 
 from config import TrainerConfig
-from training import LossFn, backward_and_update, batch_loss, train_step
+from training import Loss, LossFn, backward_and_update, batch_loss, train_step
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,12 @@ def is_full(batch, tc: TrainerConfig) -> bool:
     return len(batch.user_ids) == tc.batch_size
 
 
-def make_loss_fn(model: torch.nn.Module, tc: TrainerConfig, speed: Speed, device: torch.device) -> LossFn:
+def make_loss_fn(model: torch.nn.Module, loss: Loss, tc: TrainerConfig, speed: Speed, device: torch.device) -> LossFn:
     """batch_loss under bf16 autocast and compiled, as speed says; an epoch's last, smaller batch
     runs eagerly rather than compiling a second graph for it."""
     def loss_fn(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=speed.bf16, cache_enabled=False):
-            return batch_loss(model, batch, tc.label_smoothing)
+            return batch_loss(model, batch, loss)
     if not speed.compile:
         return loss_fn
     if device.type == "cpu":
@@ -119,12 +119,12 @@ def capture_step(loss_fn: LossFn, optimizer: torch.optim.Optimizer, example, gra
 Step = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]
 
 
-def make_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule,
+def make_training_step(model: torch.nn.Module, loss: Loss, optimizer: torch.optim.Optimizer, schedule,
                        tc: TrainerConfig, speed: Speed, device: torch.device) -> Step:
     """The training step for a batch, as speed says: (loss, targets) without a host sync. With a
     CUDA graph, every full batch once the optimizer has its state replays one graph captured at
     the first such batch; other batches run train_step. The optimizer must be capturable then."""
-    loss_fn = make_loss_fn(model, tc, speed, device)
+    loss_fn = make_loss_fn(model, loss, tc, speed, device)
 
     def eager(batch):
         return train_step(loss_fn, optimizer, batch, tc.grad_clip, schedule)

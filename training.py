@@ -1,7 +1,14 @@
 """What one training step is made of: the loss, the optimizer, the learning-rate schedule.
 
-`batch_loss` is the loss: full-softmax cross-entropy over all movies, at the targets the batch
-type names (one per window in the window mode, every trained position in the sequence mode).
+The loss is cross-entropy over all movies at the targets the batch type names (one per window
+in the window mode, every trained position in the sequence mode), from the model's last hidden
+layer and its output weights. `make_loss` picks one of three forms of it:
+- full_softmax_loss: the logits of every movie, the post's loss; with loss_chunk_rows, computed
+  and recomputed for backward in row chunks, so that the [rows x movies] logits of a large
+  catalog never exist at once (same value and gradients);
+- sampled_softmax_loss: the target against num_negatives shared uniform negatives, or against
+  the batch's other targets with logQ correction (HSTU, gSASRec), for catalogs where the full
+  softmax is too slow.
 speed.py decides how a step runs (compiled, bf16, as a CUDA graph); model_train.py loops.
 """
 from __future__ import annotations
@@ -11,16 +18,60 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from config import TrainerConfig
 
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden, weight, targets) -> mean
 
 
-def batch_loss(model: torch.nn.Module, batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | int]:
-    """(mean cross-entropy, number of targets) of a data.Batch or a data.ChunkBatch."""
-    logits, targets = batch.logits_and_targets(model)
-    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing), batch.num_targets()
+def batch_loss(model: torch.nn.Module, batch, loss: Loss) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """(mean loss, number of targets) of a data.Batch or a data.ChunkBatch."""
+    hidden, targets = batch.hidden_and_targets(model)
+    return loss(hidden, model.output_weight, targets), batch.num_targets()
+
+
+def full_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+                      chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """Mean cross-entropy of logits hidden @ weight.T; in chunks of chunk_rows rows when given."""
+    if chunk_rows is None or len(hidden) <= chunk_rows:
+        return F.cross_entropy(F.linear(hidden, weight), targets, label_smoothing=label_smoothing)
+
+    def chunk_sum(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(F.linear(h, w), t, label_smoothing=label_smoothing, reduction="sum")
+    total = sum(checkpoint(chunk_sum, hidden[i:i + chunk_rows], weight, targets[i:i + chunk_rows], use_reentrant=False)
+                for i in range(0, len(hidden), chunk_rows))
+    return total / len(hidden)
+
+
+def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+                         log_q: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean cross-entropy of each target against the shared negatives [K]. log_q [vocab]: the log
+    of each token's sampling rate, subtracted from its logit (logQ correction). A negative that is
+    the row's own target is left out."""
+    positive = (hidden * weight[targets]).sum(-1, keepdim=True)
+    negative = F.linear(hidden, weight[negatives])
+    if log_q is not None:
+        positive, negative = positive - log_q[targets][:, None], negative - log_q[negatives][None, :]
+    negative = negative.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([positive, negative], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def make_loss(tc: TrainerConfig, train_set) -> Loss:
+    """The configured loss for this training data (data.MovieLensSequenceDataset or
+    data.SequenceChunks: its movie count, and for in-batch negatives how often each movie is a
+    target, their sampling rate)."""
+    if tc.loss == "full":
+        return lambda h, w, t: full_softmax_loss(h, w, t, tc.label_smoothing, tc.loss_chunk_rows)
+    if tc.negatives == "uniform":
+        num_movies = train_set.metadata.num_movies
+        return lambda h, w, t: sampled_softmax_loss(
+            h, w, t, torch.randint(0, num_movies, (tc.num_negatives,), device=t.device))
+    counts = train_set.target_counts().double()
+    log_q = torch.log(counts.clamp(min=1) / counts.sum()).float()
+    return lambda h, w, t: sampled_softmax_loss(h, w, t, t, log_q.to(t.device))
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainerConfig, device: torch.device,

@@ -34,7 +34,7 @@ from errors import run_script  # noqa: E402
 from data import FILES, MovieLensSequenceDataset, detect_format, load_movielens, read_ratings, tokenize  # noqa: E402
 from ranking import Scorer, model_scorer, rank_all, ranker  # noqa: E402
 from speed import Step, make_training_step, speed_settings  # noqa: E402
-from training import make_optimizer, make_schedule  # noqa: E402
+from training import make_loss, make_optimizer, make_schedule  # noqa: E402
 
 BATCH = 512
 
@@ -103,7 +103,7 @@ def trainer_step(model, config: Config, dataset, device: torch.device) -> Step:
     speed = speed_settings(tc, device, dataset.fixed_batch_shapes)
     optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
     schedule = make_schedule(optimizer, tc, dataset.num_batches(tc.batch_size))
-    return make_training_step(model, optimizer, schedule, tc, speed, device)
+    return make_training_step(model, make_loss(tc, dataset), optimizer, schedule, tc, speed, device)
 
 
 def train_fast(step_fn, dataset, steps: int, device: torch.device) -> float:
@@ -255,7 +255,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     datasets = load_fast(config, args.data_dir, cache=True)
     train_set = datasets["train"].to(device)
-    cpu_train = datasets["train"] if device.type == "cpu" else load_fast(config, args.data_dir, True)["train"]
+    cpu_train = load_fast(config, args.data_dir, True)["train"]
+    post_train = torch.utils.data.TensorDataset(cpu_train.movie_ids, cpu_train.ratings, cpu_train.user_ids,
+                                                cpu_train.next_movie, cpu_train.next_rating)  # the post's lists
     torch.manual_seed(0)
     model = build_model(config, train_set.metadata).to(device)
     step_fn = trainer_step(model, config, train_set, device)
@@ -264,7 +266,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.manual_seed(0)
     model = build_model(config, train_set.metadata).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ref["train_samples_per_s"] = median_rate(lambda steps: train_post_style(model, optimizer, cpu_train, steps, device),
+    ref["train_samples_per_s"] = median_rate(lambda steps: train_post_style(model, optimizer, post_train, steps, device),
                                              args.train_steps, args.repeats)
     for result in (ours, ref):
         result["train_epoch_s"] = len(train_set) / result["train_samples_per_s"]

@@ -66,8 +66,8 @@ BAD_RATINGS = [
     ("1::7::3::10::5\n", "expected 4 fields"),
     ("x::7::3::10\n", "not an integer"),
     ("1::7::3::10.5\n", "not an integer"),
-    ("1::7::6::10\n", "outside 1..5"),
-    ("1::7::0::10\n", "outside 1..5"),
+    ("1::7::6::10\n", "is not a star rating"),
+    ("1::7::0::10\n", "is not a star rating"),
     ("99::7::3::10\n", "user_id 99 is not in"),
     ("1::8::3::10\n", "movie_id 8 is not in"),
 ]
@@ -106,7 +106,7 @@ def test_cache_is_used_while_valid_and_rebuilt_when_stale(tmp_path, monkeypatch)
 
 
 def test_unknown_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(data.DataError, match="neither ML-1M"):
+    with pytest.raises(data.DataError, match="holds no MovieLens files"):
         data.load_movielens(tmp_path)
 
 
@@ -120,8 +120,8 @@ def _zip_bytes(members: dict[str, str]) -> bytes:
 
 def _serve(monkeypatch, payload: bytes):
     monkeypatch.setattr(data, "_fetch", lambda url, dest: Path(dest).write_bytes(payload))
-    monkeypatch.setitem(data.ARCHIVES, "ml-1m", ("https://example.invalid/ml-1m.zip",
-                                                 hashlib.md5(payload).hexdigest()))
+    monkeypatch.setitem(data.RELEASES, "ml-1m", data.RELEASES["ml-1m"]._replace(
+        url="https://example.invalid/ml-1m.zip", md5=hashlib.md5(payload).hexdigest()))
 
 
 def test_download_checks_extracts_and_skips(tmp_path, monkeypatch):
@@ -138,7 +138,7 @@ def test_download_checks_extracts_and_skips(tmp_path, monkeypatch):
 
 def test_download_refuses_bad_checksum(tmp_path, monkeypatch):
     _serve(monkeypatch, b"payload")
-    monkeypatch.setitem(data.ARCHIVES, "ml-1m", ("https://example.invalid/ml-1m.zip", "0" * 32))
+    monkeypatch.setitem(data.RELEASES, "ml-1m", data.RELEASES["ml-1m"]._replace(md5="0" * 32))
     with pytest.raises(data.DataError, match="checksum"):
         data.download_movielens("ml-1m", tmp_path)
     assert not (tmp_path / "ml-1m").exists()
@@ -157,7 +157,7 @@ def test_download_without_network_names_url_and_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
     with pytest.raises(data.DataError) as error:
         data.download_movielens("ml-1m", tmp_path)
-    assert data.ARCHIVES["ml-1m"][0] in str(error.value)
+    assert data.RELEASES["ml-1m"].url in str(error.value)
     assert str(tmp_path / "ml-1m") in str(error.value)
 
 

@@ -7,7 +7,8 @@ import torch
 import speed
 from config import TrainerConfig, build_model, load_config
 from data import MovieLensSequenceDataset, load_movielens
-from training import backward_and_update, load_optimizer_state, make_optimizer, make_schedule, train_step
+from training import (backward_and_update, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
+                      train_step)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -25,7 +26,8 @@ def test_compiled_loss_equals_eager_loss(ml1m_dir):
     batch = next(MovieLensSequenceDataset(data, "train").batches(64))
     config = small_config("trainer_config.batch_size=64")
     model = build_model(config, data.metadata)
-    eager, compiled = (speed.make_loss_fn(model, config.trainer_config, speed.Speed(c, False, False), CPU)
+    loss = full_softmax_loss
+    eager, compiled = (speed.make_loss_fn(model, loss, config.trainer_config, speed.Speed(c, False, False), CPU)
                        for c in (False, True))
     (a, n), (b, m) = eager(batch), compiled(batch)
     assert n == m == 64
@@ -81,7 +83,7 @@ def test_cuda_graph_step_equals_the_eager_step(ml1m_dir):
         settings = speed.Speed(compile=False, bf16=False, cuda_graph=graphed)
         optimizer = make_optimizer(model, tc, CUDA, capturable=graphed)
         schedule = make_schedule(optimizer, tc, steps_per_epoch=10)
-        step = speed.make_training_step(model, optimizer, schedule, tc, settings, CUDA)
+        step = speed.make_training_step(model, full_softmax_loss, optimizer, schedule, tc, settings, CUDA)
         for batch in list(train.batches(64))[:8]:
             step(batch)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*(m.parameters() for m in models)))
@@ -118,7 +120,7 @@ def test_without_a_working_compiler_the_cpu_trains_eagerly(monkeypatch, ml1m_dir
         assert not settings.compile
         data = load_movielens(ml1m_dir, cache=False)
         model = build_model(config, data.metadata)
-        loss, n = speed.make_loss_fn(model, config.trainer_config, settings, CPU)(
+        loss, n = speed.make_loss_fn(model, full_softmax_loss, config.trainer_config, settings, CPU)(
             next(MovieLensSequenceDataset(data, "train").batches(8)))
         assert n == 8 and loss > 0
     finally:

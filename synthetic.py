@@ -1,0 +1,96 @@
+"""MovieLens-format folders of any size, for tests and benchmarks of the larger releases.
+
+GroupLens' licence forbids redistributing its data, and the larger releases cannot be fetched
+everywhere, so `write_movielens` writes a folder in any release's format with their shape:
+heavy-tailed ratings per user (at least 20 each, as in MovieLens), Zipf-like movie popularity,
+titles with commas and quotes (quoted in CSV), whole or half stars, ratings given in the same
+second, and the file ordered by user and movie rather than by time, as GroupLens' files are.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data import ML100K_GENRES
+
+FORMATS = ("ml-1m", "ml-100k", "ml-10m", "csv")
+GENRES = ML100K_GENRES[1:]
+FIRST_TIMESTAMP, LAST_TIMESTAMP = 820_454_400, 1_700_000_000  # 1996 to 2023
+
+
+def synthetic_ratings(num_users: int, num_movies: int, num_ratings: int, seed: int = 0,
+                      half_stars: bool = True) -> pd.DataFrame:
+    """user_id, movie_id, rating, timestamp: about num_ratings ratings (each user rates a movie
+    at most once, so a few draws are dropped), ordered by user then movie."""
+    rng = np.random.default_rng(seed)
+    extra = rng.pareto(1.2, num_users)  # heavy tail: a few users rate thousands of movies
+    lengths = 20 + np.floor(extra / extra.sum() * max(num_ratings - 20 * num_users, 0)).astype(np.int64)
+    lengths = np.minimum(lengths, num_movies)
+    user = np.repeat(np.arange(1, num_users + 1), lengths)
+    popularity = 1.0 / np.arange(1, num_movies + 1) ** 0.9
+    rank = rng.choice(num_movies, size=len(user), p=popularity / popularity.sum())
+    movie = rng.permutation(num_movies)[rank] * 3 + 1  # sparse MovieLens ids, popularity not in id order
+    key = user * (3 * num_movies + 1) + movie
+    _, first = np.unique(key, return_index=True)  # one rating per user and movie
+    first.sort()
+    user, movie = user[first], movie[first]
+    # each user's ratings come in sittings: many in one second, then a gap of minutes to months
+    n = len(user)
+    gap = np.where(rng.random(n) < 0.15, 0, rng.exponential(3.0e4, n).astype(np.int64) + 1)
+    start = rng.integers(FIRST_TIMESTAMP, LAST_TIMESTAMP - 5 * 10**7, num_users + 1)
+    run_start = np.r_[0, np.flatnonzero(np.diff(user)) + 1]
+    cumulative = np.cumsum(gap)
+    timestamp = start[user] + cumulative - np.repeat(cumulative[run_start], np.diff(np.r_[run_start, n]))
+    stars = rng.integers(1, 11 if half_stars else 6, n)
+    rating = stars / 2 if half_stars else stars.astype(np.float64)
+    frame = pd.DataFrame({"user_id": user, "movie_id": movie, "rating": rating,
+                          "timestamp": np.minimum(timestamp, LAST_TIMESTAMP)})
+    return frame.sort_values(["user_id", "movie_id"], kind="stable").reset_index(drop=True)
+
+
+def synthetic_movies(num_movies: int, seed: int = 0) -> pd.DataFrame:
+    """movie_id, title, genres: some titles hold a comma ("Movie 7, The (1994)") or quotes."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(num_movies) * 3 + 1
+    years = rng.integers(1920, 2024, num_movies)
+    titles = [f'Movie {i}, The ({y})' if i % 7 == 0 else f'"Quoted" Movie {i} ({y})' if i % 11 == 0
+              else f"Movie {i} ({y})" for i, y in zip(ids, years)]
+    genres = ["|".join(GENRES[j] for j in sorted({i % len(GENRES), (i * 5) % len(GENRES)})) for i in range(num_movies)]
+    return pd.DataFrame({"movie_id": ids, "title": titles, "genres": genres})
+
+
+def write_movielens(folder: Path, fmt: str, num_users: int, num_movies: int, num_ratings: int,
+                    seed: int = 0) -> Path:
+    """Write a synthetic MovieLens folder in the format fmt (one of FORMATS); returns folder."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ratings = synthetic_ratings(num_users, num_movies, num_ratings, seed, half_stars=fmt in ("ml-10m", "csv"))
+    movies = synthetic_movies(num_movies, seed)
+    if fmt == "csv":
+        movies.to_csv(folder / "movies.csv", header=["movieId", "title", "genres"], index=False)
+        ratings.to_csv(folder / "ratings.csv", header=["userId", "movieId", "rating", "timestamp"], index=False)
+        return folder
+    if fmt == "ml-100k":
+        write_lines(folder / "u.user", [f"{u}|30|M|other|00000" for u in range(1, num_users + 1)])
+        flags = ["|".join("1" if g in genres.split("|") else "0" for g in ML100K_GENRES) for genres in movies.genres]
+        write_lines(folder / "u.item", [f"{m}|{t}|01-Jan-1995||http://example.invalid|{f}"
+                                        for m, t, f in zip(movies.movie_id, movies.title, flags)])
+        ratings.astype({"rating": np.int64}).to_csv(folder / "u.data", sep="\t", header=False, index=False)
+        return folder
+    if fmt == "ml-1m":
+        write_lines(folder / "users.dat", [f"{u}::M::25::0::00000" for u in range(1, num_users + 1)])
+        ratings = ratings.astype({"rating": np.int64})
+    write_lines(folder / "movies.dat", [f"{m}::{t}::{g}" for m, t, g in movies.itertuples(index=False)],
+                encoding="ISO-8859-1" if fmt == "ml-1m" else "utf-8")
+    rating = ratings.rating.map(lambda r: f"{r:g}") if fmt == "ml-10m" else ratings.rating.astype(str)
+    write_lines(folder / "ratings.dat", (ratings.user_id.astype(str) + "::" + ratings.movie_id.astype(str) + "::"
+                                         + rating + "::" + ratings.timestamp.astype(str)).tolist())
+    return folder
+
+
+def write_lines(path: Path, lines: list[str], encoding: str = "utf-8") -> None:
+    path.write_text("".join(line + "\n" for line in lines), encoding=encoding)
