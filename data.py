@@ -13,6 +13,7 @@ left-padded with SOS, and its history the p - 1 movies before the target.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -612,6 +613,14 @@ def latest_windows(data: MovieLensData, users: torch.Tensor, context_window_size
                  torch.zeros_like(users), n)
 
 
+def shared_starts(n: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
+    """The first rows of the batches this process takes of n rows: every batch for one process;
+    for `world` processes, batches rank, rank + world, ..., the same number for each (a last
+    round that not every process could take is left out: DistributedDataParallel steps together)."""
+    batches = -(-n // batch_size)
+    return range(rank * batch_size, batches // world * world * batch_size, world * batch_size)
+
+
 class MovieLensSequenceDataset(Dataset):
     """Next-movie windows of one subset: each a user and a target position, its window gathered
     from the user's sequence when a batch is made, so memory grows with the number of targets,
@@ -645,8 +654,16 @@ class MovieLensSequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.next_movie)
 
-    def num_batches(self, batch_size: int) -> int:
-        return -(-len(self) // batch_size)
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        """Batches per epoch, per process when `world` processes share them (batches())."""
+        return -(-len(self) // batch_size) // world
+
+    def shard(self, rank: int, world: int) -> "MovieLensSequenceDataset":
+        """The targets rank, rank + world, ... of this subset: one process's share of validation."""
+        part = copy.copy(self)
+        for key in ("user_ids", "positions", "next_movie", "next_rating", "history_length"):
+            setattr(part, key, getattr(self, key)[rank::world])
+        return part
 
     def __getitem__(self, i: int):
         movie_ids, ratings = self.windows(torch.tensor([i]))
@@ -683,13 +700,14 @@ class MovieLensSequenceDataset(Dataset):
         return Batch(*self.windows(index), self.user_ids[index], self.next_movie[index], self.next_rating[index],
                      self.history_length[index])
 
-    def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[Batch]:
-        """Batches as index slices; shuffled with `generator` when asked."""
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """Batches as index slices; shuffled with `generator` when asked. With `world` processes,
+        this one's share: batches rank, rank + world, ... of the same order, as many for each."""
         n = len(self)
         order = (torch.randperm(n, generator=generator).to(self.device) if shuffle
                  else torch.arange(n, device=self.device))
-        for start in range(0, n, batch_size):
+        for start in shared_starts(n, batch_size, rank, world):
             yield self.batch(order[start:start + batch_size])
 
     def seen_mask(self, batch: Batch, exclude: str = "history") -> torch.Tensor:
@@ -764,10 +782,10 @@ class SequenceChunks:
         """Training targets per epoch."""
         return int(self.last_target.sum())
 
-    def num_batches(self, batch_size: int) -> int:
-        """Batches per epoch, on average (chunk boundaries move from epoch to epoch)."""
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        """Batches per epoch (per process of `world`), on average: chunk boundaries move each epoch."""
         expected_chunks = int((self.last_target >= 1).sum()) + len(self) / self.context_window_size
-        return -(-int(expected_chunks) // batch_size)
+        return -(-int(expected_chunks) // batch_size) // world
 
     def target_counts(self) -> torch.Tensor:
         """How often each token is a training target, [vocab]: the in-batch negatives' sampling rates."""
@@ -799,14 +817,15 @@ class SequenceChunks:
                    torch.from_numpy((position > lower[:, None]) & (position >= 1)), torch.from_numpy(position - 1 < 0))
         return ChunkBatch(*(t.to(self.device) for t in tensors))
 
-    def batches(self, batch_size: int, shuffle: bool = True,
-                generator: torch.Generator | None = None) -> Iterator[ChunkBatch]:
-        """Batches of `batch_size` chunks, freshly cut and shuffled each call."""
+    def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None,
+                rank: int = 0, world: int = 1) -> Iterator[ChunkBatch]:
+        """Batches of `batch_size` chunks, freshly cut and shuffled each call (this process's
+        share of them with `world` processes, as MovieLensSequenceDataset.batches)."""
         generator = generator or torch.Generator().manual_seed(0)
         chunks = self.chunks(generator)
         n = len(chunks.user_ids)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.device)
-        for start in range(0, n, batch_size):
+        for start in shared_starts(n, batch_size, rank, world):
             index = order[start:start + batch_size]
             yield ChunkBatch(*(t[index] for t in chunks))

@@ -18,8 +18,8 @@ from config import make_datasets, pick_device
 from errors import UserError, run_script
 from files import atomic_write
 from plots import plot_results
-from ranking import (constant_scorer, markdown_table, metrics_from_ranks, model_scorer, popularity_baselines, rank_all,
-                     save_predictions)
+from ranking import (constant_scorer, markdown_table, metrics_from_ranks, model_scorer, popularity_baselines,
+                     prediction_writer, rank_all)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
@@ -52,12 +52,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     scorers = {"model": model_scorer(model)}
     scorers.update({name: constant_scorer(s) for name, s in popularity_baselines(dataset).items()})
     results = {}
+    if args.save_predictions:  # streamed batch by batch: 200,000 users' scores never exist at once
+        def rank_and_write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                ranks, _ = rank_all(scorers["model"], dataset, args.exclude, args.batch_size, max(ks),
+                                    top_sink=prediction_writer(f, metadata))
+            results["model"] = metrics_from_ranks(ranks, ks)
+        atomic_write(args.save_predictions, rank_and_write)
     for name, scorer in scorers.items():
-        top = max(ks) if (name == "model" and args.save_predictions) else 0
-        ranks, tops = rank_all(scorer, dataset, args.exclude, args.batch_size, top)
-        results[name] = metrics_from_ranks(ranks, ks)
-        if tops is not None:
-            save_predictions(args.save_predictions, dataset, tops)
+        if name not in results:
+            results[name] = metrics_from_ranks(rank_all(scorer, dataset, args.exclude, args.batch_size)[0], ks)
     split = config.trainer_config.split
     print(f"{metadata.name}, split {split} ({args.split}, {len(dataset):,} targets), "
           f"exclude {args.exclude}, ranking over all {metadata.num_movies:,} movies")

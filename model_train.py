@@ -25,42 +25,52 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_atomic, saved_config
-from config import (DEFAULT_CONFIG, Config, TrainerConfig, build_model, load_config, make_datasets,
-                    pick_device)
+from config import DEFAULT_CONFIG, Config, TrainerConfig, build_model, load_config, make_datasets
 from data import MovieLensData
+from distributed import Group, gather, on_main, start, stop, sum_over_processes
 from errors import Interrupted, UserError, run_script
 from files import atomic_write, write_error
 from plots import plot_training_curves
-from ranking import Scorer, evaluate, model_scorer
+from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
 from speed import Step, make_training_step, speed_settings
 from training import load_optimizer_state, make_loss, make_optimizer, make_schedule
 
 
 def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Generator,
-                writer: SummaryWriter, epoch: int, first_step: int) -> tuple[float, float]:
-    """One pass over the shuffled training data: (mean loss per target, targets per second)."""
+                writer: Optional[SummaryWriter], epoch: int, first_step: int, group: Group) -> tuple[float, float]:
+    """One pass over the shuffled training data (this process's share of it): (mean loss per
+    target, targets per second), over all processes."""
     total = torch.zeros((), device=dataset.device)
     targets = torch.zeros((), dtype=torch.long, device=dataset.device)
     start = time.perf_counter()
-    bar = tqdm(dataset.batches(tc.batch_size, shuffle=True, generator=generator),
-               total=dataset.num_batches(tc.batch_size), desc=f"epoch {epoch}", leave=False)
+    bar = tqdm(dataset.batches(tc.batch_size, shuffle=True, generator=generator, rank=group.rank, world=group.world),
+               total=dataset.num_batches(tc.batch_size, group.world), desc=f"epoch {epoch}", leave=False,
+               disable=not group.is_main)
     for step, batch in enumerate(bar, first_step + 1):
         loss, count = step_fn(batch)
         total += loss * count
         targets += count
-        if step % tc.log_every == 0:  # the only host sync inside the epoch
+        if step % tc.log_every == 0 and writer:  # the only host sync inside the epoch
             bar.set_postfix(loss=f"{loss.item():.4f}")
             writer.add_scalar("loss/train_step", loss.item(), step)
-    n = targets.item()
-    return total.item() / max(n, 1), n / (time.perf_counter() - start)
+    total, n = sum_over_processes(group, total, targets)
+    return total / max(n, 1), n / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
-def validation_loss(scorer: Scorer, dataset, batch_size: int) -> float:
-    total = torch.zeros((), device=dataset.device)
-    for batch in dataset.batches(batch_size):
+def validate(scorer: Scorer, shard, tc: TrainerConfig, compiled: bool, group: Group,
+             with_metrics: bool) -> dict[str, float]:
+    """Validation loss, and with_metrics HR/NDCG/MRR@10, of every process's shard together."""
+    total = torch.zeros((), device=shard.device)
+    for batch in shard.batches(tc.eval_batch_size):
         total += F.cross_entropy(scorer(batch), batch.next_movie, reduction="sum")
-    return total.item() / max(len(dataset), 1)
+    total, n = sum_over_processes(group, total, len(shard))
+    result = {"loss/validation": total / max(n, 1)}
+    if with_metrics:
+        ranks, _ = rank_all(scorer, shard, batch_size=tc.eval_batch_size, compiled=compiled)
+        metrics = metrics_from_ranks(gather(group, ranks), ks=(10,))
+        result.update({f"metrics/validation/{k}": metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
+    return result
 
 
 def open_run(tc: TrainerConfig, resume: Optional[Path]) -> tuple[Path, Path]:
@@ -91,18 +101,32 @@ def open_run(tc: TrainerConfig, resume: Optional[Path]) -> tuple[Path, Path]:
 
 
 def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLensData] = None) -> Path:
-    """Train as configured (or continue the run in `resume`); returns the run folder."""
+    """Train as configured (or continue the run in `resume`); returns the run folder. Under
+    torchrun, every process runs this (distributed.py)."""
+    tc = config.trainer_config
+    group, device = start(tc.device)
+    try:
+        return train_on(config, group, device, resume, data)
+    finally:
+        stop(group)
+
+
+def train_on(config: Config, group: Group, device: torch.device, resume: Optional[Path],
+             data: Optional[MovieLensData]) -> Path:
     tc = config.trainer_config
     torch.manual_seed(tc.seed)
-    device = pick_device(tc.device)
+    if not group.is_main:
+        logger.remove()  # rank 0 alone logs
     datasets = make_datasets(config, data)
     metadata = datasets["train"].metadata
-    train_set, val_set = datasets["train"].to(device), datasets["validation"].to(device)
-    speed = speed_settings(tc, device, train_set.fixed_batch_shapes)
+    train_set = datasets["train"].to(device)
+    val_shard = datasets["validation"].to(device).shard(group.rank, group.world)
+    speed = speed_settings(tc, device, train_set.fixed_batch_shapes, group.is_distributed)
     model = build_model(config, metadata).to(device)
     optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
-    schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size))
-    step_fn = make_training_step(model, make_loss(tc, train_set), optimizer, schedule, tc, speed, device)
+    schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size, group.world))
+    step_fn = make_training_step(model, make_loss(tc, train_set), optimizer, schedule, tc, speed, device,
+                                 group.is_distributed)
     scorer = model_scorer(model, compiled=speed.compile)
     generator = torch.Generator().manual_seed(tc.seed)
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
@@ -114,50 +138,61 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
         generator.set_state(checkpoint["generator"])
         torch.set_rng_state(checkpoint["rng"])
         state = checkpoint["state"]
-    run, log_dir = open_run(tc, resume)
+    run, log_dir = on_main(group, lambda: open_run(tc, resume))
+    tc.run_name = run.name
+    writer = None
     try:
-        atomic_write(run / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False)))
-        writer = SummaryWriter(str(log_dir))
-        logger.info(f"run {tc.run_name} on {device} ({speed}): {len(train_set):,} training targets, "
-                    f"{len(val_set):,} validation targets, {sum(p.numel() for p in model.parameters()):,} parameters")
+        if group.is_main:
+            atomic_write(run / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False)))
+            writer = SummaryWriter(str(log_dir))
+        logger.info(f"run {tc.run_name} on {device} x {group.world} ({speed}): {len(train_set):,} training targets, "
+                    f"{len(datasets['validation']):,} validation targets, "
+                    f"{sum(p.numel() for p in model.parameters()):,} parameters")
         for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
+            started = time.perf_counter()
             model.train()
             train_loss, samples_per_s = train_epoch(step_fn, train_set, tc, generator, writer, epoch,
-                                                    schedule.last_epoch)
+                                                    schedule.last_epoch, group)
             model.eval()
-            scalars = {"loss/train": train_loss, "loss/validation": validation_loss(scorer, val_set, tc.eval_batch_size),
-                       "lr": float(optimizer.param_groups[0]["lr"]), "throughput/samples_per_s": samples_per_s}
-            improved = False
-            if epoch % tc.eval_every == 0 or epoch == tc.num_epochs:
-                metrics = evaluate(scorer, val_set, ks=(10,), batch_size=tc.eval_batch_size, compiled=speed.compile)
-                scalars.update({f"metrics/validation/{k}": metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
-                improved = metrics["ndcg@10"] > state["best_ndcg"]
-                state["best_ndcg"] = max(state["best_ndcg"], metrics["ndcg@10"])
+            evaluated = epoch % tc.eval_every == 0 or epoch == tc.num_epochs
+            scalars = {"loss/train": train_loss, **validate(scorer, val_shard, tc, speed.compile, group, evaluated),
+                       "lr": float(optimizer.param_groups[0]["lr"]), "throughput/samples_per_s": samples_per_s,
+                       "time/epoch_s": time.perf_counter() - started}
+            if device.type == "cuda":
+                scalars["memory/peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            improved = evaluated and scalars["metrics/validation/ndcg@10"] > state["best_ndcg"]
+            if evaluated:
+                state["best_ndcg"] = max(state["best_ndcg"], scalars["metrics/validation/ndcg@10"])
                 state["stale"] = 0 if improved else state["stale"] + 1
-            for key, value in scalars.items():
-                writer.add_scalar(key, value, epoch)
-            writer.flush()
             logger.info(f"epoch {epoch}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()))
             state["epoch"] = epoch
-            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "schedule": schedule.state_dict(), "state": dict(state), "config": asdict(config),
-                          "metadata": metadata.to_dict(), "generator": generator.get_state(),
-                          "rng": torch.get_rng_state()}
-            if improved:  # best.pt first: a crash between the two writes only repeats this epoch
-                save_atomic(checkpoint, run / "best.pt")
-            save_atomic(checkpoint, run / "last.pt")
+            if group.is_main:
+                for key, value in scalars.items():
+                    writer.add_scalar(key, value, epoch)
+                writer.flush()
+                checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "schedule": schedule.state_dict(), "state": dict(state), "config": asdict(config),
+                              "metadata": metadata.to_dict(), "generator": generator.get_state(),
+                              "rng": torch.get_rng_state()}
+                if improved:  # best.pt first: a crash between the two writes only repeats this epoch
+                    save_atomic(checkpoint, run / "best.pt")
+                save_atomic(checkpoint, run / "last.pt")
             if tc.patience is not None and state["stale"] >= tc.patience:
                 logger.info(f"no better validation NDCG@10 for {tc.patience} evaluations: stopping")
                 break
-        writer.close()
     except KeyboardInterrupt:
-        kept = remove_if_unsaved(run, log_dir, state["epoch"])
+        kept = remove_if_unsaved(run, log_dir, state["epoch"]) if group.is_main else ""
         raise Interrupted(f"the run stopped during epoch {state['epoch'] + 1}, whose progress is discarded; "
                           f"{kept}") from None
     except BaseException:
-        remove_if_unsaved(run, log_dir, state["epoch"])
+        if group.is_main:
+            remove_if_unsaved(run, log_dir, state["epoch"])
         raise
-    plot_training_curves(log_dir, run / "curves.png")
+    finally:
+        if writer:
+            writer.close()
+    if group.is_main:
+        plot_training_curves(log_dir, run / "curves.png")
     logger.info(f"best validation NDCG@10 {state['best_ndcg']:.4f}; checkpoints in {run}")
     return run
 

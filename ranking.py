@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import csv
 import functools
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TextIO
 
 import torch
 
-from data import Batch, MovieLensSequenceDataset
-from files import atomic_write
+from data import Batch, DatasetMetadata, MovieLensSequenceDataset
 
 METRICS = ("hr", "ndcg", "mrr", "map", "precision", "recall")
 Scorer = Callable[[Batch], torch.Tensor]
@@ -92,13 +90,17 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, fl
     return out
 
 
+TopSink = Callable[[Batch, torch.Tensor], None]
+
+
 @torch.inference_mode()
 def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "history",
-             batch_size: int = 1024, top: int = 0,
-             compiled: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+             batch_size: int = 1024, top: int = 0, compiled: bool = False,
+             top_sink: Optional[TopSink] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Ranks of every target in dataset, and the top-`top` tokens per target when top > 0 (-1
-    where fewer than `top` movies are left after the exclusion); compiled: ranked in one fused
-    pass a batch."""
+    where fewer than `top` movies are left after the exclusion), or, with top_sink, each batch's
+    top tokens handed to it and not kept. Only one batch's scores exist at a time; compiled:
+    ranked in one fused pass a batch."""
     rank = ranker(compiled)
     ranks, tops = [], []
     for batch in dataset.batches(batch_size):
@@ -107,8 +109,9 @@ def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "
         ranks.append(rank(scores, batch.next_movie, excluded))
         if top:
             best = scores.masked_fill(excluded, float("-inf")).topk(top, dim=1)
-            tops.append(best.indices.masked_fill(best.values == float("-inf"), -1))
-    return torch.cat(ranks).cpu(), (torch.cat(tops).cpu() if top else None)
+            tokens = best.indices.masked_fill(best.values == float("-inf"), -1).cpu()
+            top_sink(batch, tokens) if top_sink else tops.append(tokens)
+    return torch.cat(ranks).cpu(), (torch.cat(tops) if tops else None)
 
 
 def evaluate(scorer: Scorer, dataset: MovieLensSequenceDataset, ks: tuple[int, ...] = (3, 5, 10),
@@ -126,15 +129,13 @@ def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...]) ->
 
 
 
-def save_predictions(path: Path, dataset: MovieLensSequenceDataset, top: torch.Tensor) -> None:
-    """user_id,rank,item_id in MovieLens ids, rank 1 first (rank_all's -1 left out), written whole."""
-    meta = dataset.metadata
-    users = dataset.user_ids.cpu().tolist()
+def prediction_writer(f: TextIO, metadata: DatasetMetadata) -> TopSink:
+    """A top_sink for rank_all that writes user_id,rank,item_id rows (MovieLens ids, rank 1
+    first, rank_all's -1 left out) to the open CSV file f as the batches come."""
+    writer = csv.writer(f)
+    writer.writerow(["user_id", "rank", "item_id"])
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["user_id", "rank", "item_id"])
-            for user, row in zip(users, top.tolist()):
-                writer.writerows((meta.user_ids[user], r, meta.movie_ids[t]) for r, t in enumerate(row, 1) if t >= 0)
-    atomic_write(path, write)
+    def write(batch: Batch, top: torch.Tensor) -> None:
+        for user, row in zip(batch.user_ids.tolist(), top.tolist()):
+            writer.writerows((metadata.user_ids[user], r, metadata.movie_ids[t]) for r, t in enumerate(row, 1) if t >= 0)
+    return write

@@ -22,9 +22,11 @@ from typing import Any, Callable, Optional
 
 import torch
 from loguru import logger
+from torch.nn.parallel import DistributedDataParallel
 
 from config import TrainerConfig
-from training import Loss, LossFn, backward_and_update, batch_loss, train_step
+from errors import ConfigError
+from training import Loss, LossFn, ModelLoss, backward_and_update, train_step
 
 
 @dataclass(frozen=True)
@@ -38,15 +40,17 @@ class Speed:
                          (("compile", self.compile), ("bf16", self.bf16), ("CUDA graph", self.cuda_graph)))
 
 
-def speed_settings(tc: TrainerConfig, device: torch.device, fixed_batch_shapes: bool) -> Speed:
-    """The speed settings for this config, device and kind of training batches."""
+def speed_settings(tc: TrainerConfig, device: torch.device, fixed_batch_shapes: bool,
+                   distributed: bool = False) -> Speed:
+    """The speed settings for this config, device and kind of training batches (and whether
+    several processes train together: their gradients' averaging is not captured in a graph)."""
     cuda, cpu = device.type == "cuda", device.type == "cpu"
-    if tc.cuda_graph and not (cuda and fixed_batch_shapes):
-        raise ValueError("trainer_config.cuda_graph needs a CUDA device and batches of one shape "
-                         "(model_config.mode: window)")
+    if tc.cuda_graph and not (cuda and fixed_batch_shapes and not distributed):
+        raise ConfigError("trainer_config.cuda_graph needs a CUDA device, batches of one shape "
+                          "(model_config.mode: window) and one process")
     compile = fixed_batch_shapes and (cuda or cpu and can_compile_for_cpu()) if tc.compile is None else tc.compile
     bf16 = cuda or compile and cpu and has_cpu_bf16() if tc.bf16 is None else tc.bf16
-    cuda_graph = cuda and fixed_batch_shapes if tc.cuda_graph is None else tc.cuda_graph
+    cuda_graph = cuda and fixed_batch_shapes and not distributed if tc.cuda_graph is None else tc.cuda_graph
     return Speed(compile, bf16, cuda_graph)
 
 
@@ -75,12 +79,18 @@ def is_full(batch, tc: TrainerConfig) -> bool:
     return len(batch.user_ids) == tc.batch_size
 
 
-def make_loss_fn(model: torch.nn.Module, loss: Loss, tc: TrainerConfig, speed: Speed, device: torch.device) -> LossFn:
+def make_loss_fn(model: torch.nn.Module, loss: Loss, tc: TrainerConfig, speed: Speed, device: torch.device,
+                 distributed: bool = False) -> LossFn:
     """batch_loss under bf16 autocast and compiled, as speed says; an epoch's last, smaller batch
-    runs eagerly rather than compiling a second graph for it."""
+    runs eagerly rather than compiling a second graph for it. distributed: through
+    DistributedDataParallel, which averages the gradients over the processes."""
+    model_loss = ModelLoss(model, loss)
+    if distributed:
+        model_loss = DistributedDataParallel(model_loss, device_ids=[device.index] if device.type == "cuda" else None)
+
     def loss_fn(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=speed.bf16, cache_enabled=False):
-            return batch_loss(model, batch, loss)
+            return model_loss(batch)
     if not speed.compile:
         return loss_fn
     if device.type == "cpu":
@@ -120,11 +130,11 @@ Step = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]
 
 
 def make_training_step(model: torch.nn.Module, loss: Loss, optimizer: torch.optim.Optimizer, schedule,
-                       tc: TrainerConfig, speed: Speed, device: torch.device) -> Step:
+                       tc: TrainerConfig, speed: Speed, device: torch.device, distributed: bool = False) -> Step:
     """The training step for a batch, as speed says: (loss, targets) without a host sync. With a
     CUDA graph, every full batch once the optimizer has its state replays one graph captured at
     the first such batch; other batches run train_step. The optimizer must be capturable then."""
-    loss_fn = make_loss_fn(model, loss, tc, speed, device)
+    loss_fn = make_loss_fn(model, loss, tc, speed, device, distributed)
 
     def eager(batch):
         return train_step(loss_fn, optimizer, batch, tc.grad_clip, schedule)

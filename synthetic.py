@@ -22,22 +22,29 @@ FIRST_TIMESTAMP, LAST_TIMESTAMP = 820_454_400, 1_700_000_000  # 1996 to 2023
 
 def synthetic_ratings(num_users: int, num_movies: int, num_ratings: int, seed: int = 0,
                       half_stars: bool = True) -> pd.DataFrame:
-    """user_id, movie_id, rating, timestamp: about num_ratings ratings (each user rates a movie
-    at most once, so a few draws are dropped), ordered by user then movie."""
+    """user_id, movie_id, rating, timestamp: num_ratings ratings (fewer only where users would
+    need more movies than there are), each user rating a movie once, ordered by user then movie."""
     rng = np.random.default_rng(seed)
-    extra = rng.pareto(1.2, num_users)  # heavy tail: a few users rate thousands of movies
-    lengths = 20 + np.floor(extra / extra.sum() * max(num_ratings - 20 * num_users, 0)).astype(np.int64)
-    lengths = np.minimum(lengths, num_movies)
-    user = np.repeat(np.arange(1, num_users + 1), lengths)
+    lengths = user_lengths(rng, num_users, num_ratings, cap=max(num_movies // 2, 20))
     popularity = 1.0 / np.arange(1, num_movies + 1) ** 0.9
-    rank = rng.choice(num_movies, size=len(user), p=popularity / popularity.sum())
-    movie = rng.permutation(num_movies)[rank] * 3 + 1  # sparse MovieLens ids, popularity not in id order
-    key = user * (3 * num_movies + 1) + movie
-    _, first = np.unique(key, return_index=True)  # one rating per user and movie
-    first.sort()
-    user, movie = user[first], movie[first]
+    popularity /= popularity.sum()
+    movie_of_rank = rng.permutation(num_movies)  # popularity not in id order
+    user, movie = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for _ in range(20):  # draw what each user still lacks, drop repeats, until (nearly) none lack any
+        lacking = lengths - np.bincount(user, minlength=num_users + 1)[1:]
+        if lacking.sum() <= num_ratings // 10_000:
+            break
+        new_user = np.repeat(np.arange(1, num_users + 1), np.maximum(lacking, 0))
+        new_movie = movie_of_rank[rng.choice(num_movies, size=len(new_user), p=popularity)]
+        user, movie = np.r_[user, new_user], np.r_[movie, new_movie]
+        _, first = np.unique(user * num_movies + movie, return_index=True)
+        first.sort()  # the earlier draw of a repeat is kept
+        user, movie = user[first], movie[first]
+    movie = movie * 3 + 1  # sparse MovieLens ids
     # each user's ratings come in sittings: many in one second, then a gap of minutes to months
     n = len(user)
+    order = np.argsort(user, kind="stable")  # draw order within each user is time order
+    user, movie = user[order], movie[order]
     gap = np.where(rng.random(n) < 0.15, 0, rng.exponential(3.0e4, n).astype(np.int64) + 1)
     start = rng.integers(FIRST_TIMESTAMP, LAST_TIMESTAMP - 5 * 10**7, num_users + 1)
     run_start = np.r_[0, np.flatnonzero(np.diff(user)) + 1]
@@ -48,6 +55,21 @@ def synthetic_ratings(num_users: int, num_movies: int, num_ratings: int, seed: i
     frame = pd.DataFrame({"user_id": user, "movie_id": movie, "rating": rating,
                           "timestamp": np.minimum(timestamp, LAST_TIMESTAMP)})
     return frame.sort_values(["user_id", "movie_id"], kind="stable").reset_index(drop=True)
+
+
+def user_lengths(rng: np.random.Generator, num_users: int, num_ratings: int, cap: int) -> np.ndarray:
+    """Ratings per user: at least 20, heavy-tailed (Pareto shares), at most cap, summing to
+    num_ratings where the cap allows (what capped users cannot take goes to the others)."""
+    share = rng.pareto(1.2, num_users) + 1e-3
+    lengths = np.full(num_users, 20.0)
+    for _ in range(50):
+        free = lengths < cap
+        left = num_ratings - lengths.sum()
+        if left < 1 or not free.any():
+            break
+        lengths[free] += left * share[free] / share[free].sum()
+        lengths = np.minimum(lengths, cap)
+    return np.floor(lengths).astype(np.int64)
 
 
 def synthetic_movies(num_movies: int, seed: int = 0) -> pd.DataFrame:

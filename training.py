@@ -32,6 +32,18 @@ def batch_loss(model: torch.nn.Module, batch, loss: Loss) -> tuple[torch.Tensor,
     return loss(hidden, model.output_weight, targets), batch.num_targets()
 
 
+class ModelLoss(torch.nn.Module):
+    """batch_loss as a module's forward, the form DistributedDataParallel wraps: its forward is
+    what prepares the gradients' averaging over processes."""
+
+    def __init__(self, model: torch.nn.Module, loss: Loss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor | int]:
+        return batch_loss(self.model, batch, self.loss)
+
+
 def full_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
                       chunk_rows: Optional[int] = None) -> torch.Tensor:
     """Mean cross-entropy of logits hidden @ weight.T; in chunks of chunk_rows rows when given."""

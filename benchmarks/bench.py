@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import Config, build_model, load_config, make_datasets, pick_device  # noqa: E402
 from errors import run_script  # noqa: E402
+from measure import peak_rss_of_this_process  # noqa: E402
 from data import FILES, MovieLensSequenceDataset, detect_format, load_movielens, read_ratings, tokenize  # noqa: E402
 from ranking import Scorer, model_scorer, rank_all, ranker  # noqa: E402
 from speed import Step, make_training_step, speed_settings  # noqa: E402
@@ -203,14 +202,6 @@ def memory_probe(data_dir: Path, style: str, config: Config, device: torch.devic
         model = build_model(config, dataset.metadata).to(device)
         train_fast(trainer_step(model, config, dataset, device), dataset, steps, device)
     return peak_rss_of_this_process()
-
-
-def peak_rss_of_this_process() -> float:
-    """VmHWM in MB: unlike ru_maxrss it is not inherited from the parent across fork+exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: kB on Linux, bytes on macOS
 
 
 def peak_rss(data_dir: Path, style: str, device: str, steps: int, overrides: list[str]) -> float:

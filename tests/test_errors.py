@@ -1,6 +1,5 @@
 """Bad input gets one line that names it and a non-zero exit; nothing already written is lost."""
 import errno
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Every MovieLens format read from a generated folder: the same ratings, titles and order."""
 import numpy as np
-import pandas as pd
 import pytest
 
 import data

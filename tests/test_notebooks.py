@@ -1,5 +1,4 @@
 """Both notebooks execute top to bottom, headless, on the synthetic fixture with short runs."""
-import os
 
 import nbformat
 import pytest

@@ -1,5 +1,4 @@
 """The sequence training mode: causal per-position prediction over a user's history."""
-import numpy as np
 import pytest
 import torch
 

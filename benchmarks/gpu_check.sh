@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU checks in one run of at most 10 minutes on one H100-class GPU:
+#   bash benchmarks/gpu_check.sh [OUT_FOLDER]     (needs data/ml-1m; writes logs and JSON to OUT_FOLDER)
+# 1. the CUDA-only tests; 2. bench.py on CUDA; 3. configs/ml1m_best.yaml (sequence mode) for a few
+# epochs: seconds per epoch and peak GPU memory; 4. the sequence mode on a generated ML-20M-size
+# folder (configs/ml20m.yaml): training targets per second and peak GPU memory.
+# Goals: the post's model <= 1 s per ML-1M epoch; ml1m_best to its best validation epoch in
+# <= 3 minutes; a generated ML-20M-size epoch in sequence mode <= 30 s.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu_check}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+step() { echo "== $1 ($(date +%T))"; }
+
+step "GPU" && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+step "CUDA tests" && timeout 120 python -m pytest -q -k cuda tests/ 2>&1 | tail -5 | tee "$out/tests.txt"
+step "bench.py" && timeout 150 python benchmarks/bench.py --data-dir data/ml-1m --device cuda --repeats 3 \
+    --json "$out/bench.json" 2>&1 | tail -15 | tee "$out/bench.txt"
+step "ml1m_best, 4 epochs" && timeout 150 python model_train.py --config configs/ml1m_best.yaml \
+    --set trainer_config.num_epochs=4 --set trainer_config.data_dir=data/ml-1m --set trainer_config.run_name=gpu-ml1m \
+    --set trainer_config.model_dir="$out/models" --set trainer_config.tensorboard_dir="$out/runs" 2>&1 \
+    | grep -E "run |epoch " | tee "$out/ml1m_best.txt"
+step "generated ML-20M size" && timeout 60 python benchmarks/scale.py --folder data/synthetic-ml-20m \
+    --ratings 20000263 --users 138493 --movies 27278 --json "$out/scale_20m.json" 2>&1 | tail -4 | tee "$out/scale_20m.txt"
+step "ml20m.yaml, 1 epoch" && timeout 150 python model_train.py --config configs/ml20m.yaml \
+    --set trainer_config.num_epochs=1 --set trainer_config.data_dir=data/synthetic-ml-20m \
+    --set trainer_config.run_name=gpu-ml20m --set trainer_config.model_dir="$out/models" \
+    --set trainer_config.tensorboard_dir="$out/runs" 2>&1 | grep -E "run |epoch " | tee "$out/ml20m.txt"
+rm -rf "$out/models"
+step "done"

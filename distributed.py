@@ -1,0 +1,93 @@
+"""Training on several processes with `torchrun`: PyTorch's DistributedDataParallel, nothing else.
+
+    torchrun --nproc_per_node=N model_train.py [--config ...]
+
+Every process loads the data and builds the model; DistributedDataParallel copies rank 0's
+weights to all and averages the gradients of each step. Each process takes its share of each
+epoch's shuffled batches (the same shuffle everywhere, so N processes at batch b step through
+the batches one process at batch N x b would). Validation is split between the processes and
+its ranks gathered, so the metrics are those of one process. Rank 0 alone logs, writes
+TensorBoard and checkpoints. Without torchrun (WORLD_SIZE unset) this is one process, as usual.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from config import pick_device
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the processes of a run."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world > 1
+
+
+def start(device_name: str) -> tuple[Group, torch.device]:
+    """Join torchrun's process group where there is one (NCCL, each process on its LOCAL_RANK's
+    GPU; gloo on CPUs); the group and this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return Group(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Group(dist.get_rank(), world), device
+
+
+def stop(group: Group) -> None:
+    if group.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_over_processes(group: Group, *values: float | torch.Tensor) -> list[float]:
+    """Each value summed over the processes (a no-op for one process)."""
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if group.is_distributed:
+        dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather(group: Group, tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's tensor (CPU), concatenated in rank order on every process."""
+    if not group.is_distributed:
+        return tensor.cpu()
+    parts: list = [None] * group.world
+    dist.all_gather_object(parts, tensor.cpu())
+    return torch.cat(parts)
+
+
+def on_main(group: Group, fn: Callable[[], T]) -> T:
+    """fn() on rank 0, its result (or its exception) handed to every process, so that an error
+    there stops all of them instead of leaving the others waiting."""
+    if not group.is_distributed:
+        return fn()
+    outcome: list = [None]
+    if group.is_main:
+        try:
+            outcome[0] = (fn(), None)
+        except Exception as e:  # re-raised below, on every process
+            outcome[0] = (None, e)
+    dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result

@@ -1,0 +1,63 @@
+"""torchrun with DistributedDataParallel on CPUs (gloo), two processes on tiny data."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from config import make_datasets
+from conftest import ROOT, write_ml1m
+from ranking import evaluate, model_scorer
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def even_data(tmp_path_factory) -> Path:
+    """64 users of 22 ratings: 1,024 training windows, as many whole batches of 512 as of 2 x 256."""
+    rows = [(u + 1, 7 + 3 * ((u * 5 + i) % 200), 1 + i % 5, 978_300_000 + i) for u in range(64) for i in range(22)]
+    return write_ml1m(tmp_path_factory.mktemp("even") / "ml-1m", rows, num_users=64, num_movies=200)
+
+
+def train(folder: Path, data_dir: Path, launcher: list[str], batch_size: int, *extra: str) -> Path:
+    pairs = [f"trainer_config.data_dir={data_dir}", "trainer_config.cache=false", "trainer_config.compile=false",
+             "trainer_config.num_epochs=2", "trainer_config.patience=null", f"trainer_config.batch_size={batch_size}",
+             "trainer_config.run_name=run", *(f"model_config.transformer_config.{k}=0.0" for k in
+                                              ("embedding_dropout", "attention_dropout", "residual_dropout"))]
+    args = extra if extra and extra[0] == "--resume" else [a for p in (*pairs, *extra) for a in ("--set", p)]
+    result = subprocess.run([*launcher, str(ROOT / "model_train.py"), *args], cwd=folder, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "models" / "run"
+
+
+def test_two_processes_at_batch_b_step_as_one_at_batch_2b(even_data, tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = train(tmp_path / "one", even_data, [sys.executable], 512)
+    two = train(tmp_path / "two", even_data, TORCHRUN, 256)
+    a, b = load_checkpoint(one / "last.pt"), load_checkpoint(two / "last.pt")
+    assert a["schedule"]["last_epoch"] == b["schedule"]["last_epoch"] == 4  # two steps an epoch
+    # Adam turns float noise in near-zero gradients (the key bias) into steps of up to ~1e-5
+    assert all(torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=5e-5) for k in a["model"])
+    # rank 0 alone wrote: one TensorBoard folder, one set of checkpoints
+    assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.yaml", "curves.png", "last.pt"]
+    assert len(list((tmp_path / "two" / "runs" / "run").iterdir())) == 1
+
+
+def test_sharded_validation_equals_one_process_and_resume_continues(even_data, tmp_path):
+    whole = train(tmp_path, even_data, TORCHRUN, 256)
+    best = load_checkpoint(whole / "best.pt")
+    model, config, _ = model_from_checkpoint(best)
+    single = evaluate(model_scorer(model), make_datasets(config)["validation"], ks=(10,))["ndcg@10"]
+    assert best["state"]["best_ndcg"] == pytest.approx(single, abs=1e-12)
+
+    shutil.move(whole, tmp_path / "whole")
+    (tmp_path / "runs" / "run").rename(tmp_path / "runs" / "whole")
+    halted = train(tmp_path, even_data, TORCHRUN, 256, "trainer_config.num_epochs=1")
+    resumed = train(tmp_path, even_data, TORCHRUN, 256, "--resume", str(halted), "--set", "trainer_config.num_epochs=2")
+    a, b = load_checkpoint(tmp_path / "whole" / "last.pt")["model"], load_checkpoint(resumed / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
