@@ -601,6 +601,13 @@ def seen_mask(data: MovieLensData, batch: Batch, exclude: str = "history") -> to
     return mask
 
 
+def with_context(batch: Batch, data: MovieLensData, context_window_size: int) -> Batch:
+    """The batch's targets with windows of another length, for a model of another context; data
+    on the batch's device."""
+    slots = window_index(data.offsets, batch.user_ids, batch.history_length + 1, context_window_size)
+    return batch._replace(movie_ids=data.sequence[slots], ratings=data.sequence_ratings[slots])
+
+
 def latest_windows(data: MovieLensData, users: torch.Tensor, context_window_size: int) -> Batch:
     """Windows that end with each user's last rating, to recommend what comes next.
 

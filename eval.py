@@ -13,13 +13,16 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from checkpoint import data_for_checkpoint, load_checkpoint, model_from_checkpoint
 from config import make_datasets, pick_device
 from errors import UserError, run_script
 from files import atomic_write
 from plots import plot_results
-from ranking import (constant_scorer, markdown_table, metrics_from_ranks, model_scorer, popularity_baselines,
-                     prediction_writer, rank_all)
+from data import with_context
+from ranking import (bootstrap_intervals, constant_scorer, markdown_table, metrics_from_ranks, model_scorer,
+                     paired_difference, per_user_metrics, popularity_baselines, prediction_writer, rank_all)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
@@ -31,42 +34,56 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--exclude", choices=("history", "window"), default="history",
                         help="history: every movie rated before the target (default); "
                              "window: only the input window, as the post did")
+    parser.add_argument("--against", metavar="CHECKPOINT|BASELINE",
+                        help="another checkpoint, or most-rated or top-rated-popular: the model's paired difference "
+                             "to it per metric, with its interval and p-value")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over users")
     parser.add_argument("--data-dir", help="MovieLens folder (default: the checkpoint's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--save-predictions", type=Path, metavar="CSV")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="bar chart of model vs baselines")
     args = parser.parse_args(argv)
-    if min(args.k) < 1 or args.batch_size < 1:
-        parser.error("every --k and --batch-size must be at least 1")
+    if min(args.k) < 1 or args.batch_size < 1 or args.resamples < 10:
+        parser.error("every --k and --batch-size must be at least 1, --resamples at least 10")
 
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
     if max(args.k) > metadata.num_movies:
         raise UserError(f"--k {max(args.k)} is more than the {metadata.num_movies:,} movies of {metadata.name}; "
                         f"give K of at most {metadata.num_movies:,}")
-    datasets = make_datasets(config, data_for_checkpoint(config, metadata, args.data_dir))
+    data = data_for_checkpoint(config, metadata, args.data_dir)
     device = pick_device(args.device)
-    model.to(device)
-    dataset = datasets[args.split].to(device)
+    dataset = make_datasets(config, data)[args.split].to(device)
     ks = tuple(sorted(args.k))
-    scorers = {"model": model_scorer(model)}
+    scorers = {"model": model_scorer(model.to(device))}
     scorers.update({name: constant_scorer(s) for name, s in popularity_baselines(dataset).items()})
-    results = {}
+    if args.against and args.against not in scorers:
+        scorers[args.against] = other_checkpoint_scorer(Path(args.against), dataset, data, device)
+    ranks = {}
     if args.save_predictions:  # streamed batch by batch: 200,000 users' scores never exist at once
         def rank_and_write(tmp: Path) -> None:
             with open(tmp, "w", newline="") as f:
-                ranks, _ = rank_all(scorers["model"], dataset, args.exclude, args.batch_size, max(ks),
-                                    top_sink=prediction_writer(f, metadata))
-            results["model"] = metrics_from_ranks(ranks, ks)
+                ranks["model"] = rank_all(scorers["model"], dataset, args.exclude, args.batch_size, max(ks),
+                                          top_sink=prediction_writer(f, metadata))[0]
         atomic_write(args.save_predictions, rank_and_write)
     for name, scorer in scorers.items():
-        if name not in results:
-            results[name] = metrics_from_ranks(rank_all(scorer, dataset, args.exclude, args.batch_size)[0], ks)
+        if name not in ranks:
+            ranks[name] = rank_all(scorer, dataset, args.exclude, args.batch_size)[0]
+    per_user = {name: per_user_metrics(r, ks) for name, r in ranks.items()}
+    results = {name: metrics_from_ranks(r, ks) for name, r in ranks.items()}
+    intervals = {name: bootstrap_intervals(values, args.resamples) for name, values in per_user.items()}
     split = config.trainer_config.split
-    print(f"{metadata.name}, split {split} ({args.split}, {len(dataset):,} targets), "
-          f"exclude {args.exclude}, ranking over all {metadata.num_movies:,} movies")
-    print(markdown_table(results, ks))
+    print(f"{metadata.name}, split {split} ({args.split}, {len(dataset):,} targets), exclude {args.exclude}, "
+          f"ranking over all {metadata.num_movies:,} movies; [95% bootstrap interval over users]")
+    print(markdown_table(results, ks, intervals))
     print("One target per user: MAP@K equals MRR@K and Recall@K equals HR@K.")
+    comparison = None
+    if args.against:
+        comparison = paired_difference(per_user["model"], per_user[args.against], args.resamples)
+        print(f"\nmodel - {args.against}, paired over the same {len(dataset):,} targets:")
+        print("| metric | difference | 95% interval | p-value |\n|---|---|---|---|")
+        for metric, c in comparison.items():
+            print(f"| {metric} | {c['difference']:+.4f} | [{c['low']:+.4f}, {c['high']:+.4f}] | {c['p_value']:.4f} |")
     if split == "random_windows":
         print("random_windows is the post's split: its training windows overlap the future, so "
               "these numbers are leaky.")
@@ -74,9 +91,25 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         plot_results(results, ks, args.plot)
     out = args.checkpoint.parent / f"eval_{args.split}_{args.exclude}.json"
     report = json.dumps({"split": split, "subset": args.split, "exclude": args.exclude, "targets": len(dataset),
-                         "results": results}, indent=2)
+                         "results": results, "intervals": intervals, "resamples": args.resamples,
+                         "against": args.against, "paired_difference": comparison}, indent=2)
     atomic_write(out, lambda tmp: tmp.write_text(report))
     return results
+
+
+def other_checkpoint_scorer(path: Path, dataset, data, device):
+    """The scorer of another checkpoint's model on the same targets (its own context length)."""
+    other, other_config, other_metadata = model_from_checkpoint(load_checkpoint(path))
+    if other_metadata != dataset.metadata:
+        raise UserError(f"--against {path} was trained on other data ({other_metadata.name}); give a checkpoint "
+                        f"of {dataset.metadata.name}")
+    theirs = make_datasets(other_config, data)[dataset.subset].to(device)
+    if other_config.trainer_config.split != dataset.split or not torch.equal(theirs.next_movie, dataset.next_movie):
+        raise UserError(f"--against {path} uses another split ({other_config.trainer_config.split}); "
+                        "the paired difference needs the same targets")
+    scorer = model_scorer(other.to(device))
+    c = other_config.model_config.transformer_config.context_window_size
+    return lambda batch: scorer(with_context(batch, dataset.device_data, c))
 
 
 if __name__ == "__main__":

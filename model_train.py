@@ -180,6 +180,9 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
             if tc.patience is not None and state["stale"] >= tc.patience:
                 logger.info(f"no better validation NDCG@10 for {tc.patience} evaluations: stopping")
                 break
+        if group.is_main:  # TensorBoard's HParams view: this run's settings beside its result
+            writer.add_hparams(flat_settings(asdict(config)), {"hparam/best_validation_ndcg@10": state["best_ndcg"]},
+                               run_name=".")
     except KeyboardInterrupt:
         kept = remove_if_unsaved(run, log_dir, state["epoch"]) if group.is_main else ""
         raise Interrupted(f"the run stopped during epoch {state['epoch'] + 1}, whose progress is discarded; "
@@ -195,6 +198,17 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
         plot_training_curves(log_dir, run / "curves.png")
     logger.info(f"best validation NDCG@10 {state['best_ndcg']:.4f}; checkpoints in {run}")
     return run
+
+
+def flat_settings(tree: dict, prefix: str = "") -> dict[str, float | str | bool]:
+    """A nested config as {"a.b.c": value}, in the types TensorBoard's HParams view takes."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def remove_if_unsaved(run: Path, log_dir: Path, epoch: int) -> str:

@@ -76,18 +76,58 @@ def compiled_target_ranks() -> Ranker:
     return lambda scores, targets, excluded: ranks(scores, targets, excluded.view(torch.uint8))
 
 
-def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
-    """HR, NDCG, MRR, MAP, Precision and Recall at each K for one target per row, plus full MRR."""
+def per_user_metrics(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Each target's HR, NDCG, MRR, MAP, Precision and Recall at each K and full MRR (float64 [N]):
+    the metrics are their means."""
     ranks = ranks.double()
     out = {}
     for k in ks:
-        hit = ranks < k
-        hr = hit.double().mean().item()
-        rr = torch.where(hit, 1.0 / (ranks + 1), 0.0).mean().item()
-        out.update({f"hr@{k}": hr, f"ndcg@{k}": torch.where(hit, 1.0 / torch.log2(ranks + 2), 0.0).mean().item(),
-                    f"mrr@{k}": rr, f"map@{k}": rr, f"precision@{k}": hr / k, f"recall@{k}": hr})
-    out["mrr"] = (1.0 / (ranks + 1)).mean().item()
+        hit = (ranks < k).double()
+        rr = torch.where(ranks < k, 1.0 / (ranks + 1), 0.0)
+        out.update({f"hr@{k}": hit, f"ndcg@{k}": torch.where(ranks < k, 1.0 / torch.log2(ranks + 2), 0.0),
+                    f"mrr@{k}": rr, f"map@{k}": rr, f"precision@{k}": hit / k, f"recall@{k}": hit})
+    out["mrr"] = 1.0 / (ranks + 1)
     return out
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    """HR, NDCG, MRR, MAP, Precision and Recall at each K for one target per row, plus full MRR."""
+    return {name: values.mean().item() for name, values in per_user_metrics(ranks, ks).items()}
+
+
+def resampled_means(values: torch.Tensor, resamples: int, seed: int, chunk: int = 50) -> torch.Tensor:
+    """[resamples, M]: the column means of values [N, M] over rows drawn N times with replacement,
+    as counts per row (one matrix product a chunk of resamples, no per-resample loop over rows)."""
+    n, generator, means = len(values), torch.Generator().manual_seed(seed), []
+    for start in range(0, resamples, chunk):
+        draws = torch.randint(n, (min(chunk, resamples - start), n), generator=generator)
+        counts = torch.zeros(len(draws), n, dtype=values.dtype).scatter_add_(1, draws, torch.ones_like(draws, dtype=values.dtype))
+        means.append(counts @ values / n)
+    return torch.cat(means)
+
+
+def bootstrap_intervals(values: dict[str, torch.Tensor], resamples: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of each metric's mean over users (per_user_metrics' values)."""
+    means = resampled_means(torch.stack(list(values.values()), 1), resamples, seed)
+    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype), dim=0)
+    return {name: (low[i].item(), high[i].item()) for i, name in enumerate(values)}
+
+
+def paired_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], resamples: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> dict[str, dict[str, float]]:
+    """Per metric, the mean of a - b over the same targets, its bootstrap interval, and the
+    two-sided p-value of a sign-flip (paired permutation) test of no difference."""
+    diff = torch.stack([a[name] - b[name] for name in a], 1)
+    means = resampled_means(diff, resamples, seed)
+    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype), dim=0)
+    observed = diff.mean(0).abs()
+    generator, extreme = torch.Generator().manual_seed(seed + 1), torch.zeros(diff.shape[1])
+    for start in range(0, resamples, 50):
+        signs = torch.randint(0, 2, (min(50, resamples - start), len(diff)), generator=generator).double() * 2 - 1
+        extreme += ((signs @ diff / len(diff)).abs() >= observed - 1e-12).sum(0)
+    return {name: {"difference": diff[:, i].mean().item(), "low": low[i].item(), "high": high[i].item(),
+                   "p_value": (extreme[i].item() + 1) / (resamples + 1)} for i, name in enumerate(a)}
 
 
 TopSink = Callable[[Batch, torch.Tensor], None]
@@ -120,13 +160,16 @@ def evaluate(scorer: Scorer, dataset: MovieLensSequenceDataset, ks: tuple[int, .
     return metrics_from_ranks(ranks, ks)
 
 
-def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...]) -> str:
+def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...],
+                   intervals: Optional[dict[str, dict[str, tuple[float, float]]]] = None) -> str:
+    """One row a scorer, one column a metric; `value [low, high]` where intervals are given."""
     columns = [f"{m}@{k}" for k in ks for m in METRICS] + ["mrr"]
     lines = ["| scorer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" for c in columns) + " |")
+        cells = [f"{metrics[c]:.4f}" + (" [{:.4f}, {:.4f}]".format(*intervals[name][c]) if intervals else "")
+                 for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
 
 
 def prediction_writer(f: TextIO, metadata: DatasetMetadata) -> TopSink:

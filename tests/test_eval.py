@@ -92,3 +92,29 @@ def test_compiled_ranks_equal_eager_ranks(ml1m_dir):
             eager, _ = evaluation.rank_all(scorer, test, batch_size=batch_size)
             compiled, _ = evaluation.rank_all(compiled_scorer, test, batch_size=batch_size, compiled=True)
             assert torch.equal(eager, compiled)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    """For a mean over 5,000 users the percentile interval is about mean +- 1.96 standard errors."""
+    torch.manual_seed(0)
+    values = evaluation.per_user_metrics(torch.randint(0, 40, (5000,)), (10,))
+    low, high = evaluation.bootstrap_intervals(values, resamples=2000)["hr@10"]
+    hits = values["hr@10"]
+    half_width = 1.96 * hits.std().item() / math.sqrt(len(hits))
+    assert low < hits.mean().item() < high
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)
+
+
+def test_paired_difference_finds_a_real_difference_and_no_false_one():
+    torch.manual_seed(0)
+    ranks = torch.randint(0, 50, (3000,))
+    better = torch.where(torch.rand(3000) < 0.2, torch.zeros_like(ranks), ranks)  # a fifth of the users hit first
+    same = evaluation.paired_difference(evaluation.per_user_metrics(ranks, (10,)),
+                                        evaluation.per_user_metrics(ranks, (10,)), resamples=500)
+    assert same["ndcg@10"]["difference"] == 0 and same["ndcg@10"]["p_value"] == 1.0
+    found = evaluation.paired_difference(evaluation.per_user_metrics(better, (10,)),
+                                         evaluation.per_user_metrics(ranks, (10,)), resamples=500)["ndcg@10"]
+    assert found["difference"] > 0 and found["low"] > 0 and found["p_value"] < 0.01
+    noise = evaluation.paired_difference(evaluation.per_user_metrics(torch.randint(0, 50, (3000,)), (10,)),
+                                         evaluation.per_user_metrics(ranks, (10,)), resamples=500)["ndcg@10"]
+    assert noise["low"] < 0 < noise["high"] and noise["p_value"] > 0.05

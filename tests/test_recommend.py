@@ -45,3 +45,18 @@ def test_eval_plot_writes_png(checkpoint, tmp_path):
     png = tmp_path / "bars.png"
     results = evaluation.main(["--checkpoint", str(checkpoint), "--plot", str(png), "--k", "5", "10"])
     assert png.stat().st_size > 1000 and set(results) == {"model", "most-rated", "top-rated-popular"}
+
+
+def test_eval_reports_intervals_and_a_paired_difference(checkpoint, tmp_path, capsys):
+    import json
+    evaluation.main(["--checkpoint", str(checkpoint), "--k", "10", "--against", "most-rated", "--resamples", "200"])
+    out = capsys.readouterr().out
+    assert "model - most-rated, paired over the same 300 targets" in out and "| ndcg@10 |" in out
+    report = json.loads((checkpoint.parent / "eval_test_history.json").read_text())
+    low, high = report["intervals"]["model"]["ndcg@10"]
+    assert low <= report["results"]["model"]["ndcg@10"] <= high
+    assert report["paired_difference"]["ndcg@10"]["difference"] == pytest.approx(
+        report["results"]["model"]["ndcg@10"] - report["results"]["most-rated"]["ndcg@10"])
+    evaluation.main(["--checkpoint", str(checkpoint), "--k", "10", "--against", str(checkpoint), "--resamples", "50"])
+    assert json.loads((checkpoint.parent / "eval_test_history.json").read_text())[
+        "paired_difference"]["ndcg@10"]["difference"] == 0

@@ -1,0 +1,152 @@
+"""Run a config over several seeds and named variants, one after another, into one results table.
+
+    python experiments.py --config configs/ml100k_best.yaml --seeds 3 [--grid grid.yaml] [--set k=v ...]
+                          [--out experiments/<name>]
+
+A grid file maps variant names to the overrides that make them (`base: {}` is the config itself):
+
+    base: {}
+    no-user-embedding: {model_config.user_embedding_dimension: 0}
+    window-mode: {model_config.mode: window, model_config.transformer_config.context_window_size: 5}
+
+Each variant and seed is one `python model_train.py` run (its seed `trainer_config.seed` = 1, 2,
+...), chosen on validation NDCG@10 as always, then one `python eval.py` of its best.pt: the test
+targets are read once per finished run. `results.csv` and `results.md` in --out hold a row per
+run (variant, seed, best epoch, validation and test metrics with the test's bootstrap interval,
+minutes) and mean +- standard deviation per variant. Every run also lands in TensorBoard's
+HParams view (`tensorboard --logdir <out>/runs`). A finished run is not run again.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from tbparse import SummaryReader
+
+from checkpoint import load_checkpoint
+from config import DEFAULT_CONFIG, load_config, read_yaml
+from errors import ConfigError, UserError, run_script
+from files import atomic_write
+
+ROOT = Path(__file__).resolve().parent
+COLUMNS = ["variant", "seed", "best_epoch", "validation_ndcg@10", "validation_hr@10", "test_ndcg@10", "test_hr@10",
+           "test_mrr", "test_ndcg@10_low", "test_ndcg@10_high", "minutes"]
+SUMMARY = ["validation_ndcg@10", "test_ndcg@10", "test_hr@10", "test_mrr"]
+
+
+def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
+    """Variant name -> `--set` overrides, from a grid file (or just the config, as `base`)."""
+    if path is None:
+        return {"base": []}
+    grid = read_yaml(path)
+    for name, overrides in grid.items():
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{path}: variant {name} must map config keys to values, got {overrides!r}")
+    return {str(name): [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
+            for name, overrides in grid.items()}
+
+
+def run(command: list[str], what: str) -> None:
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise UserError(f"{what} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
+
+
+def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Path) -> dict:
+    """Train one variant at one seed (unless it finished before), evaluate its best.pt once."""
+    name = f"{variant}-seed{seed}"
+    folder = out / "models" / name
+    sets = [*overrides, f"trainer_config.seed={seed}", f"trainer_config.run_name={name}",
+            f"trainer_config.model_dir={out / 'models'}", f"trainer_config.tensorboard_dir={out / 'runs'}"]
+    if (folder / "last.pt").exists() and not (folder / "curves.png").exists():  # stopped: go on
+        run(["model_train.py", "--resume", str(folder)], f"training {name}")
+    elif not (folder / "curves.png").exists():  # curves.png is a finished run's last file
+        run(["model_train.py", "--config", str(config), *(a for s in sets for a in ("--set", s))], f"training {name}")
+    report = folder / "eval_test_history.json"
+    if not report.exists():
+        run(["eval.py", "--checkpoint", str(folder / "best.pt"), "--k", "10"], f"evaluating {name}")
+    test = json.loads(report.read_text())
+    best = load_checkpoint(folder / "best.pt")["state"]
+    scalars = SummaryReader(str(out / "runs" / name)).scalars
+    at_best = scalars[(scalars.step == best["epoch"]) & (scalars.tag == "metrics/validation/hr@10")].value
+    return {"variant": variant, "seed": seed, "best_epoch": best["epoch"], "validation_ndcg@10": best["best_ndcg"],
+            "validation_hr@10": float(at_best.iloc[-1]) if len(at_best) else float("nan"),
+            "test_ndcg@10": test["results"]["model"]["ndcg@10"], "test_hr@10": test["results"]["model"]["hr@10"],
+            "test_mrr": test["results"]["model"]["mrr"], "test_ndcg@10_low": test["intervals"]["model"]["ndcg@10"][0],
+            "test_ndcg@10_high": test["intervals"]["model"]["ndcg@10"][1],
+            "minutes": scalars[scalars.tag == "time/epoch_s"].value.sum() / 60}
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation of each summary metric per variant."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        entry = {"variant": variant, "runs": len(mine)}
+        for metric in SUMMARY:
+            values = [r[metric] for r in mine]
+            entry[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        out.append(entry)
+    return out
+
+
+def markdown(rows: list[dict], summary: list[dict]) -> str:
+    lines = ["| variant | runs | " + " | ".join(SUMMARY) + " |", "|---" * (len(SUMMARY) + 2) + "|"]
+    lines += [f"| {s['variant']} | {s['runs']} | " + " | ".join(f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in SUMMARY) + " |"
+              for s in summary]
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    lines += ["| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS) + " |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(out: Path, rows: list[dict]) -> None:
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(out / "results.csv", write_csv)
+    text = markdown(rows, summary_rows(rows))
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(text))
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N for every variant")
+    parser.add_argument("--grid", type=Path, help="YAML: variant name -> overrides")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="an override for every run (repeatable)")
+    parser.add_argument("--out", type=Path, help="folder for runs and tables (default: experiments/<config>)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    grid = read_grid(args.grid)
+    for overrides in grid.values():  # every variant's config checked before the first run
+        load_config(args.config, [*args.overrides, *overrides])
+    out = (args.out or Path("experiments") / args.config.stem).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "grid.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(
+        {"config": str(args.config), "overrides": args.overrides, "grid": grid}, sort_keys=False)))
+    rows = []
+    for variant, overrides in grid.items():
+        for seed in range(1, args.seeds + 1):
+            rows.append(one_run(args.config.resolve(), [*args.overrides, *overrides], variant, seed, out))
+            write_tables(out, rows)
+            print(f"{variant} seed {seed}: validation NDCG@10 {rows[-1]['validation_ndcg@10']:.4f}, "
+                  f"test NDCG@10 {rows[-1]['test_ndcg@10']:.4f}", flush=True)
+    print((out / "results.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))
