@@ -54,7 +54,8 @@ def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
 
 
 def run(command: list[str], what: str) -> None:
-    result = subprocess.run([sys.executable, *command], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     if result.returncode != 0:
         raise UserError(f"{what} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
 
