@@ -113,6 +113,7 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
 
 def train_on(config: Config, group: Group, device: torch.device, resume: Optional[Path],
              data: Optional[MovieLensData]) -> Path:
+    """One process's part of the run: all of it without torchrun."""
     tc = config.trainer_config
     torch.manual_seed(tc.seed)
     if not group.is_main:

@@ -66,7 +66,7 @@ def load_fast(config: Config, data_dir: Path, cache: bool) -> dict[str, MovieLen
     return make_datasets(config, load_movielens(data_dir, cache=cache))
 
 
-def load_post_style(data_dir: Path, sequence_length: int = 5) -> tuple[torch.Tensor, ...]:
+def load_post_style(data_dir: Path, context_window_size: int = 5) -> tuple[torch.Tensor, ...]:
     """The post's read-and-build: python-engine reads, per-user lists, iterrows + unfold."""
     if detect_format(data_dir) != "ml-1m":
         raise SystemExit("the post-style loader reads ML-1M's '::' files only")
@@ -84,7 +84,7 @@ def load_post_style(data_dir: Path, sequence_length: int = 5) -> tuple[torch.Ten
     xs, ys, us = [], [], []
     for _, row in ordered.iterrows():
         seq = torch.tensor([meta.sos, *row.m, meta.eos])
-        windows = seq.unfold(0, sequence_length, 1)
+        windows = seq.unfold(0, context_window_size, 1)
         xs.append(windows[:-1])
         ys.append(windows[1:, -1])
         us.extend([row.u] * (len(windows) - 1))
