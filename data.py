@@ -403,6 +403,13 @@ class MovieLensData:
         return MovieLensData(self.metadata, *(t.to(device) for t in
                                               (self.sequence, self.sequence_ratings, self.offsets, self.lengths)))
 
+    def windows(self, users: torch.Tensor, before: torch.Tensor,
+                context_window_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(movie tokens, ratings) [N, context] just before position `before` of each user,
+        left-padded with the user's SOS."""
+        slots = window_index(self.offsets, users, before, context_window_size)
+        return self.sequence[slots], self.sequence_ratings[slots]
+
     def history(self, user: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(movie tokens, ratings) of a user's ratings in time order."""
         first = int(self.offsets[user]) + 1
@@ -604,8 +611,8 @@ def seen_mask(data: MovieLensData, batch: Batch, exclude: str = "history") -> to
 def with_context(batch: Batch, data: MovieLensData, context_window_size: int) -> Batch:
     """The batch's targets with windows of another length, for a model of another context; data
     on the batch's device."""
-    slots = window_index(data.offsets, batch.user_ids, batch.history_length + 1, context_window_size)
-    return batch._replace(movie_ids=data.sequence[slots], ratings=data.sequence_ratings[slots])
+    movie_ids, ratings = data.windows(batch.user_ids, batch.history_length + 1, context_window_size)
+    return batch._replace(movie_ids=movie_ids, ratings=ratings)
 
 
 def latest_windows(data: MovieLensData, users: torch.Tensor, context_window_size: int) -> Batch:
@@ -614,10 +621,8 @@ def latest_windows(data: MovieLensData, users: torch.Tensor, context_window_size
     The target slot holds EOS: the next movie is unknown.
     """
     n = data.lengths[users]
-    index = window_index(data.offsets, users, n + 1, context_window_size)
     eos = torch.full_like(users, data.metadata.eos)
-    return Batch(data.sequence[index], data.sequence_ratings[index], users, eos,
-                 torch.zeros_like(users), n)
+    return Batch(*data.windows(users, n + 1, context_window_size), users, eos, torch.zeros_like(users), n)
 
 
 def shared_starts(n: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
@@ -639,6 +644,7 @@ class MovieLensSequenceDataset(Dataset):
     """
 
     fixed_batch_shapes = True  # every full batch has one shape: it can be compiled and CUDA-graphed
+    TENSORS = ("user_ids", "positions", "next_movie", "next_rating")  # one row per target
 
     def __init__(self, data: MovieLensData | str | Path, subset: str = "train",
                  context_window_size: int = 5, window_stride: int = 1,
@@ -655,7 +661,6 @@ class MovieLensSequenceDataset(Dataset):
         self.user_ids, self.positions = user, position
         self.next_movie = data.sequence[data.offsets[user] + position]
         self.next_rating = data.sequence_ratings[data.offsets[user] + position]
-        self.history_length = position - 1
         self.device_data = data  # the sequence layout on the dataset's device
 
     def __len__(self) -> int:
@@ -668,7 +673,7 @@ class MovieLensSequenceDataset(Dataset):
     def shard(self, rank: int, world: int) -> "MovieLensSequenceDataset":
         """The targets rank, rank + world, ... of this subset: one process's share of validation."""
         part = copy.copy(self)
-        for key in ("user_ids", "positions", "next_movie", "next_rating", "history_length"):
+        for key in self.TENSORS:
             setattr(part, key, getattr(self, key)[rank::world])
         return part
 
@@ -678,9 +683,12 @@ class MovieLensSequenceDataset(Dataset):
 
     def windows(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(movie tokens, ratings) [N, context] of the windows at index, gathered from the sequences."""
-        slots = window_index(self.device_data.offsets, self.user_ids[index], self.positions[index],
-                             self.context_window_size)
-        return self.device_data.sequence[slots], self.device_data.sequence_ratings[slots]
+        return self.device_data.windows(self.user_ids[index], self.positions[index], self.context_window_size)
+
+    @property
+    def history_length(self) -> torch.Tensor:
+        """Movies each user rated before the target [N]."""
+        return self.positions - 1
 
     @property
     def movie_ids(self) -> torch.Tensor:
@@ -698,14 +706,14 @@ class MovieLensSequenceDataset(Dataset):
 
     def to(self, device: str | torch.device) -> "MovieLensSequenceDataset":
         """Move every tensor (the shared sequence layout too) to device, in place."""
-        for key in ("user_ids", "positions", "next_movie", "next_rating", "history_length"):
+        for key in self.TENSORS:
             setattr(self, key, getattr(self, key).to(device))
         self.device_data = self.data.to(device)
         return self
 
     def batch(self, index: torch.Tensor) -> Batch:
         return Batch(*self.windows(index), self.user_ids[index], self.next_movie[index], self.next_rating[index],
-                     self.history_length[index])
+                     self.positions[index] - 1)
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 rank: int = 0, world: int = 1) -> Iterator[Batch]:

@@ -17,11 +17,11 @@ import torch
 
 from checkpoint import data_for_checkpoint, load_checkpoint, model_from_checkpoint
 from config import make_datasets, pick_device
+from data import with_context
 from errors import UserError, run_script
 from files import atomic_write
 from plots import plot_results
-from data import with_context
-from ranking import (bootstrap_intervals, constant_scorer, markdown_table, metrics_from_ranks, model_scorer,
+from ranking import (bootstrap_intervals, constant_scorer, markdown_table, model_scorer,
                      paired_difference, per_user_metrics, popularity_baselines, prediction_writer, rank_all)
 
 
@@ -70,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         if name not in ranks:
             ranks[name] = rank_all(scorer, dataset, args.exclude, args.batch_size)[0]
     per_user = {name: per_user_metrics(r, ks) for name, r in ranks.items()}
-    results = {name: metrics_from_ranks(r, ks) for name, r in ranks.items()}
+    results = {name: {metric: v.mean().item() for metric, v in values.items()} for name, values in per_user.items()}
     intervals = {name: bootstrap_intervals(values, args.resamples) for name, values in per_user.items()}
     split = config.trainer_config.split
     print(f"{metadata.name}, split {split} ({args.split}, {len(dataset):,} targets), exclude {args.exclude}, "

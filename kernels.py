@@ -29,6 +29,11 @@ def is_compiling_for_cpu(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and x.device.type == "cpu"
 
 
+def is_broadcast(q: torch.Tensor) -> bool:
+    """Whether attention over q's positions is written as broadcast sums: compiled for a CPU, short."""
+    return is_compiling_for_cpu(q) and q.shape[-2] <= BROADCAST_MAX_POSITIONS
+
+
 def is_packed_dropout(x: torch.Tensor, p: float, training: bool) -> bool:
     """Whether dropout() cuts its own masks for x: training, on a CPU, 0 < p < 1."""
     return training and x.device.type == "cpu" and 0.0 < p < 1.0
@@ -51,7 +56,7 @@ def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     t = q.shape[-2]
     if mask is None:
         mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    broadcast = is_compiling_for_cpu(q) and t <= BROADCAST_MAX_POSITIONS
+    broadcast = is_broadcast(q)
     scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if broadcast else q @ k.transpose(-2, -1)
     weights = (scores * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
     weights = dropout(weights, dropout_p, True)
@@ -62,8 +67,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
               dropout_p: float) -> torch.Tensor:
     """Causal attention over [B, H, T, d/H]; mask: bool [B, 1, T, T], True where a query may
     attend (causal already), or None for plain causal attention. dropout_p: 0 in evaluation."""
-    short = q.shape[-2] <= BROADCAST_MAX_POSITIONS
-    if is_packed_dropout(q, dropout_p, True) or (is_compiling_for_cpu(q) and short):
+    if is_packed_dropout(q, dropout_p, True) or is_broadcast(q):
         return written_out_attention(q, k, v, mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
 

@@ -79,14 +79,12 @@ def open_run(tc: TrainerConfig, resume: Optional[Path]) -> tuple[Path, Path]:
     if resume:
         for stale in resume.glob(".*.tmp"):
             stale.unlink()
-        tc.run_name = resume.name
         return resume, Path(tc.tensorboard_dir) / resume.name
     tc.run_name = tc.run_name or time.strftime("%Y%m%d-%H%M%S")
     run, log_dir = Path(tc.model_dir) / tc.run_name, Path(tc.tensorboard_dir) / tc.run_name
     if run.is_dir() and {p.name for p in run.iterdir() if not p.name.endswith(".tmp")} <= {"config.yaml", "best.pt"}:
         logger.warning(f"{run} holds a run that was killed before it saved an epoch: starting it afresh")
-        for folder in (run, log_dir):
-            shutil.rmtree(folder, ignore_errors=True)
+        remove_folders(run, log_dir)
     for folder, key in ((run, "model_dir"), (log_dir, "tensorboard_dir")):
         if folder.exists():
             raise UserError(f"{folder} already exists (trainer_config.{key} / run_name); choose another "
@@ -95,7 +93,7 @@ def open_run(tc: TrainerConfig, resume: Optional[Path]) -> tuple[Path, Path]:
         try:
             folder.mkdir(parents=True)
         except OSError as e:
-            shutil.rmtree(run, ignore_errors=True)
+            remove_folders(run, log_dir)
             raise write_error(folder, e, "choose writable trainer_config.model_dir and tensorboard_dir") from None
     return run, log_dir
 
@@ -212,12 +210,16 @@ def flat_settings(tree: dict, prefix: str = "") -> dict[str, float | str | bool]
     return flat
 
 
+def remove_folders(*folders: Path) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_if_unsaved(run: Path, log_dir: Path, epoch: int) -> str:
     """Remove the folders of a run that stopped before it saved an epoch; say what was kept."""
     if (run / "last.pt").exists():
         return f"epoch {epoch} is saved; python model_train.py --resume {run} continues with epoch {epoch + 1}"
-    for folder in (run, log_dir):
-        shutil.rmtree(folder, ignore_errors=True)
+    remove_folders(run, log_dir)
     return f"no epoch was saved, so {run} and {log_dir} are removed"
 
 

@@ -106,11 +106,15 @@ def resampled_means(values: torch.Tensor, resamples: int, seed: int, chunk: int 
     return torch.cat(means)
 
 
+def percentile_interval(means: torch.Tensor, level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (low, high) quantiles of resampled means [resamples, M] that hold `level` between them."""
+    return torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype), dim=0)
+
+
 def bootstrap_intervals(values: dict[str, torch.Tensor], resamples: int = 1000, seed: int = 0,
                         level: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap interval of each metric's mean over users (per_user_metrics' values)."""
-    means = resampled_means(torch.stack(list(values.values()), 1), resamples, seed)
-    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype), dim=0)
+    low, high = percentile_interval(resampled_means(torch.stack(list(values.values()), 1), resamples, seed), level)
     return {name: (low[i].item(), high[i].item()) for i, name in enumerate(values)}
 
 
@@ -119,8 +123,7 @@ def paired_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], re
     """Per metric, the mean of a - b over the same targets, its bootstrap interval, and the
     two-sided p-value of a sign-flip (paired permutation) test of no difference."""
     diff = torch.stack([a[name] - b[name] for name in a], 1)
-    means = resampled_means(diff, resamples, seed)
-    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype), dim=0)
+    low, high = percentile_interval(resampled_means(diff, resamples, seed), level)
     observed = diff.mean(0).abs()
     generator, extreme = torch.Generator().manual_seed(seed + 1), torch.zeros(diff.shape[1])
     for start in range(0, resamples, 50):

@@ -82,8 +82,8 @@ def make_loss(tc: TrainerConfig, train_set) -> Loss:
         return lambda h, w, t: sampled_softmax_loss(
             h, w, t, torch.randint(0, num_movies, (tc.num_negatives,), device=t.device))
     counts = train_set.target_counts().double()
-    log_q = torch.log(counts.clamp(min=1) / counts.sum()).float()
-    return lambda h, w, t: sampled_softmax_loss(h, w, t, t, log_q.to(t.device))
+    log_q = torch.log(counts.clamp(min=1) / counts.sum()).float().to(train_set.device)  # moved once, not per step
+    return lambda h, w, t: sampled_softmax_loss(h, w, t, t, log_q)
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainerConfig, device: torch.device,
