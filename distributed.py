@@ -53,6 +53,13 @@ def start(device_name: str) -> tuple[Group, torch.device]:
     return Group(dist.get_rank(), world), device
 
 
+def wait_for_all(group: Group) -> None:
+    """Every process waits here for the others (rank 0 still writing its plots, say), so that none
+    leaves the group while another is inside it."""
+    if group.is_distributed:
+        dist.barrier()
+
+
 def stop(group: Group) -> None:
     if group.is_distributed and dist.is_initialized():
         dist.destroy_process_group()

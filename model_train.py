@@ -27,7 +27,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_atomic, saved_config
 from config import DEFAULT_CONFIG, Config, TrainerConfig, build_model, load_config, make_datasets
 from data import MovieLensData
-from distributed import Group, gather, on_main, start, stop, sum_over_processes
+from distributed import Group, gather, on_main, start, stop, sum_over_processes, wait_for_all
 from errors import Interrupted, UserError, run_script
 from files import atomic_write, write_error
 from plots import plot_training_curves
@@ -104,7 +104,9 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
     tc = config.trainer_config
     group, device = start(tc.device)
     try:
-        return train_on(config, group, device, resume, data)
+        run = train_on(config, group, device, resume, data)
+        wait_for_all(group)
+        return run
     finally:
         stop(group)
 
