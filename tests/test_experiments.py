@@ -27,3 +27,18 @@ def test_seeds_and_variants_make_one_table(ml1m_dir, tmp_path):
 
     again = experiments.main(argv)  # finished runs are read back, not trained again
     assert [r["test_ndcg@10"] for r in again] == [r["test_ndcg@10"] for r in rows]
+
+
+def test_every_shipped_config_and_grid_loads():
+    """A typo in configs/ fails here, not minutes into someone's sweep."""
+    from config import DEFAULT_CONFIG, load_config
+    configs = DEFAULT_CONFIG.parent / "configs"
+    grids = {"ablations.yaml": "ml100k_best.yaml", "ml1m_sweep.yaml": "ml1m_best.yaml"}  # grid -> its config
+    for path in sorted(configs.glob("*.yaml")):
+        if path.name in grids:
+            variants = experiments.read_grid(path)
+            assert "base" in variants
+            for overrides in variants.values():
+                load_config(configs / grids[path.name], overrides)
+        else:
+            load_config(path, [])
