@@ -73,6 +73,18 @@ def sum_over_processes(group: Group, *values: float | torch.Tensor) -> list[floa
     return total.tolist()
 
 
+def weigh_by_targets(loss: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """This process's mean loss over its `count` targets, with its gradient scaled by count x world
+    / (the step's targets over all processes). DistributedDataParallel averages the processes'
+    gradients, which then make the gradient of the mean over every target of the step, as one
+    process would take it; unscaled, a process whose chunks hold fewer targets would weigh as much
+    as the others. The value stays this process's mean, for the logs. Called by every process."""
+    total = torch.as_tensor(count, dtype=torch.float32, device=loss.device).clone()
+    dist.all_reduce(total)
+    factor = count * dist.get_world_size() / total
+    return loss + (factor - 1) * (loss - loss.detach())
+
+
 def gather(group: Group, tensor: torch.Tensor) -> torch.Tensor:
     """Every process's tensor (CPU), concatenated in rank order on every process."""
     if not group.is_distributed:

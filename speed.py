@@ -25,6 +25,7 @@ from loguru import logger
 from torch.nn.parallel import DistributedDataParallel
 
 from config import TrainerConfig
+from distributed import weigh_by_targets
 from errors import ConfigError
 from training import Loss, LossFn, ModelLoss, backward_and_update, train_step
 
@@ -81,9 +82,9 @@ def is_full(batch, tc: TrainerConfig) -> bool:
 
 def make_loss_fn(model: torch.nn.Module, loss: Loss, tc: TrainerConfig, speed: Speed, device: torch.device,
                  distributed: bool = False) -> LossFn:
-    """batch_loss under bf16 autocast and compiled, as speed says; an epoch's last, smaller batch
-    runs eagerly rather than compiling a second graph for it. distributed: through
-    DistributedDataParallel, which averages the gradients over the processes."""
+    """batch_loss under bf16 autocast and compiled, as speed says. distributed: through
+    DistributedDataParallel, which averages the gradients over the processes, each process's
+    gradient weighed by its share of the step's targets."""
     model_loss = ModelLoss(model, loss)
     if distributed:
         model_loss = DistributedDataParallel(model_loss, device_ids=[device.index] if device.type == "cuda" else None)
@@ -91,8 +92,19 @@ def make_loss_fn(model: torch.nn.Module, loss: Loss, tc: TrainerConfig, speed: S
     def loss_fn(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=speed.bf16, cache_enabled=False):
             return model_loss(batch)
-    if not speed.compile:
-        return loss_fn
+    fn = compile_loss(loss_fn, tc, device) if speed.compile else loss_fn
+    if not distributed:
+        return fn
+
+    def weighed(batch):
+        loss, count = fn(batch)
+        return weigh_by_targets(loss, count), count
+    return weighed
+
+
+def compile_loss(loss_fn: LossFn, tc: TrainerConfig, device: torch.device) -> LossFn:
+    """loss_fn compiled for full batches; an epoch's last, smaller batch runs eagerly rather than
+    compiling a second graph for it."""
     if device.type == "cpu":
         # inductor's CPU kernels for the embeddings' gradients add atomically unless asked not
         # to, and two runs of one seed then differed; this flag is process-wide

@@ -49,6 +49,21 @@ def test_two_processes_at_batch_b_step_as_one_at_batch_2b(even_data, tmp_path):
     assert len(writers) == 1
 
 
+def test_sequence_mode_weighs_each_target_once_over_processes(even_data, tmp_path):
+    """Chunks hold different numbers of targets, so the two processes' shares of a step differ;
+    the step must still be that of one process over all of them. 64 users cut into 192-256
+    chunks of context 8: one step an epoch at 256 chunks, or 128 per process (the rest on rank 1)."""
+    sequence = ["model_config.mode=sequence", "model_config.transformer_config.context_window_size=8",
+                "trainer_config.learning_rate=0.01"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = train(tmp_path / "one", even_data, [sys.executable], 256, *sequence)
+    two = train(tmp_path / "two", even_data, TORCHRUN, 128, *sequence)
+    a, b = load_checkpoint(one / "last.pt"), load_checkpoint(two / "last.pt")
+    assert a["schedule"]["last_epoch"] == b["schedule"]["last_epoch"] == 2
+    assert all(torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=5e-5) for k in a["model"])
+
+
 def test_sharded_validation_equals_one_process_and_resume_continues(even_data, tmp_path):
     whole = train(tmp_path, even_data, TORCHRUN, 256)
     best = load_checkpoint(whole / "best.pt")
