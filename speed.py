@@ -11,7 +11,7 @@ Three switches, each a trainer_config key whose null means "decide from the devi
 - cuda_graph: the whole step (forward, backward, Adam) captured once and replayed, one launch a
   step instead of hundreds of small kernels each waiting for Python. On by default on CUDA
   where batches have one fixed shape.
-And keep_freed_memory(), process-wide: glibc keeps the large host buffers of one step for the next.
+And, for any device, keep_freed_memory(): glibc keeps the large buffers of one step for the next.
 The numbers behind each default are in benchmarks/README.md.
 """
 from __future__ import annotations
