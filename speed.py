@@ -11,7 +11,6 @@ Three switches, each a trainer_config key whose null means "decide from the devi
 - cuda_graph: the whole step (forward, backward, Adam) captured once and replayed, one launch a
   step instead of hundreds of small kernels each waiting for Python. On by default on CUDA
   where batches have one fixed shape.
-And, for any device, keep_freed_memory(): glibc keeps the large buffers of one step for the next.
 The numbers behind each default are in benchmarks/README.md.
 """
 from __future__ import annotations
