@@ -32,7 +32,7 @@ from errors import Interrupted, UserError, run_script
 from files import atomic_write, write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
-from speed import Step, keep_freed_memory, make_training_step, speed_settings
+from speed import Step, make_training_step, speed_settings
 from training import load_optimizer_state, make_loss, make_optimizer, make_schedule
 
 
@@ -233,7 +233,6 @@ def main(argv: Optional[list[str]] = None) -> Path:
                         metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--resume", type=Path, help="run folder whose last.pt to continue")
     args = parser.parse_args(argv)
-    keep_freed_memory()
     if args.resume:
         config = saved_config(load_checkpoint(args.resume / "last.pt"), args.overrides, str(args.resume / "last.pt"))
     else:

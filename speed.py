@@ -15,7 +15,6 @@ The numbers behind each default are in benchmarks/README.md.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,21 +73,6 @@ def has_cpu_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def keep_freed_memory() -> None:
-    """Where the C library is glibc, serve allocations under 1 GiB from the heap and keep freed
-    memory there for the next step. By default glibc gives every buffer over 32 MB back to the
-    kernel when it is freed and maps it anew, every page faulted in and zeroed again: the
-    sequence mode's [targets, movies] logits (~200 MB a step on ML-1M) spent a quarter of a CPU
-    epoch in the kernel. Process-wide; called once at the trainer's start; elsewhere a no-op."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    for option in (m_trim_threshold, m_mmap_threshold):
-        mallopt(option, 1 << 30)
 
 
 def is_full(batch, tc: TrainerConfig) -> bool:

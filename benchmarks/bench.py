@@ -32,7 +32,7 @@ from errors import run_script  # noqa: E402
 from measure import peak_rss_of_this_process  # noqa: E402
 from data import FILES, MovieLensSequenceDataset, detect_format, load_movielens, read_ratings, tokenize  # noqa: E402
 from ranking import Scorer, model_scorer, rank_all, ranker  # noqa: E402
-from speed import Step, keep_freed_memory, make_training_step, speed_settings  # noqa: E402
+from speed import Step, make_training_step, speed_settings  # noqa: E402
 from training import make_loss, make_optimizer, make_schedule  # noqa: E402
 
 BATCH = 512
@@ -226,7 +226,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="override training_config.yaml for the repo's path, e.g. trainer_config.bf16=false")
     parser.add_argument("--memory-probe", choices=("fast", "post"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    keep_freed_memory()  # as the trainer does
     device = pick_device(args.device)
     config = load_config(overrides=args.overrides)
     if args.memory_probe:

@@ -1,8 +1,5 @@
 """The training step: the loss compiled or not, the optimizer and its schedule, the speed settings."""
 import copy
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -128,25 +125,3 @@ def test_without_a_working_compiler_the_cpu_trains_eagerly(monkeypatch, ml1m_dir
         assert n == 8 and loss > 0
     finally:
         speed.can_compile_for_cpu.cache_clear()
-
-
-@pytest.mark.skipif(not Path("/lib/x86_64-linux-gnu/libc.so.6").exists() and not Path("/lib64/libc.so.6").exists(),
-                    reason="glibc only")
-def test_keep_freed_memory_stops_faulting_the_logits_in_anew_every_step():
-    """Steps of a softmax loss over [4096, 4096] logits (64 MB): by default glibc maps the logits
-    and their gradient anew every step (~65,000 pages faulted in); keep_freed_memory() reuses them
-    once the heap has settled. Measured in fresh processes: the setting is process-wide."""
-    probe = ("import resource, sys, torch, speed\n"
-             "import torch.nn.functional as F\n"
-             "if sys.argv[1] == 'keep': speed.keep_freed_memory()\n"
-             "torch.set_num_threads(1)\n"
-             "h, w = torch.randn(4096, 16, requires_grad=True), torch.randn(4096, 16, requires_grad=True)\n"
-             "targets = torch.randint(0, 4096, (4096,))\n"
-             "for step in range(12):\n"
-             "    if step == 8: before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-             "    F.cross_entropy(h @ w.T, targets).backward()\n"
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
-    root = Path(speed.__file__).parent
-    faults = {how: int(subprocess.run([sys.executable, "-c", probe, how], cwd=root, capture_output=True, text=True,
-                                      check=True).stdout) for how in ("default", "keep")}
-    assert faults["default"] > 200_000 and faults["keep"] < faults["default"] / 4
