@@ -34,11 +34,16 @@ def train(folder: Path, data_dir: Path, launcher: list[str], batch_size: int, *e
     return folder / "models" / "run"
 
 
-def test_two_processes_at_batch_b_step_as_one_at_batch_2b(even_data, tmp_path):
+def one_and_two_processes(tmp_path: Path, data_dir: Path, batch_size: int, *extra: str) -> tuple[Path, Path]:
+    """Run folders of one process at 2 x batch_size and of two processes at batch_size."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    one = train(tmp_path / "one", even_data, [sys.executable], 512)
-    two = train(tmp_path / "two", even_data, TORCHRUN, 256)
+    return (train(tmp_path / "one", data_dir, [sys.executable], 2 * batch_size, *extra),
+            train(tmp_path / "two", data_dir, TORCHRUN, batch_size, *extra))
+
+
+def test_two_processes_at_batch_b_step_as_one_at_batch_2b(even_data, tmp_path):
+    one, two = one_and_two_processes(tmp_path, even_data, 256)
     a, b = load_checkpoint(one / "last.pt"), load_checkpoint(two / "last.pt")
     assert a["schedule"]["last_epoch"] == b["schedule"]["last_epoch"] == 4  # two steps an epoch
     # Adam turns float noise in near-zero gradients (the key bias) into steps of up to ~1e-5
@@ -55,10 +60,7 @@ def test_sequence_mode_weighs_each_target_once_over_processes(even_data, tmp_pat
     chunks of context 8: one step an epoch at 256 chunks, or 128 per process (the rest on rank 1)."""
     sequence = ["model_config.mode=sequence", "model_config.transformer_config.context_window_size=8",
                 "trainer_config.learning_rate=0.01"]
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    one = train(tmp_path / "one", even_data, [sys.executable], 256, *sequence)
-    two = train(tmp_path / "two", even_data, TORCHRUN, 128, *sequence)
+    one, two = one_and_two_processes(tmp_path, even_data, 128, *sequence)
     a, b = load_checkpoint(one / "last.pt"), load_checkpoint(two / "last.pt")
     assert a["schedule"]["last_epoch"] == b["schedule"]["last_epoch"] == 2
     assert all(torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=5e-5) for k in a["model"])
