@@ -2,7 +2,8 @@
 
 A checkpoint is a dict: `model`, `optimizer`, `schedule` state dicts, `state` (epoch, best
 validation NDCG@10, evaluations without improvement), `config` (the resolved config as a dict),
-`metadata` (the token <-> MovieLens id map), and the random states `generator` and `rng`.
+`metadata` (the token <-> MovieLens id map), and `generator`, the state of the shuffle's random
+numbers (the other draws are seeded anew each epoch: training.seed_epoch).
 """
 from __future__ import annotations
 

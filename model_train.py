@@ -33,7 +33,7 @@ from files import atomic_write, write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
 from speed import Step, make_training_step, speed_settings
-from training import load_optimizer_state, make_loss, make_optimizer, make_schedule
+from training import load_optimizer_state, make_loss, make_optimizer, make_schedule, seed_epoch
 
 
 def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Generator,
@@ -115,7 +115,7 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
              data: Optional[MovieLensData]) -> Path:
     """One process's part of the run: all of it without torchrun."""
     tc = config.trainer_config
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)  # the weights' initialisation; rank 0's reach every process
     if not group.is_main:
         logger.remove()  # rank 0 alone logs
     datasets = make_datasets(config, data)
@@ -137,7 +137,6 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
         load_optimizer_state(optimizer, checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
         generator.set_state(checkpoint["generator"])
-        torch.set_rng_state(checkpoint["rng"])
         state = checkpoint["state"]
     run, log_dir = on_main(group, lambda: open_run(tc, resume))
     tc.run_name = run.name
@@ -152,6 +151,7 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
         for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
             started = time.perf_counter()
             model.train()
+            seed_epoch(tc.seed, epoch, group.rank)
             train_loss, samples_per_s = train_epoch(step_fn, train_set, tc, generator, writer, epoch,
                                                     schedule.last_epoch, group)
             model.eval()
@@ -173,8 +173,7 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
                 writer.flush()
                 checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "schedule": schedule.state_dict(), "state": dict(state), "config": asdict(config),
-                              "metadata": metadata.to_dict(), "generator": generator.get_state(),
-                              "rng": torch.get_rng_state()}
+                              "metadata": metadata.to_dict(), "generator": generator.get_state()}
                 if improved:  # best.pt first: a crash between the two writes only repeats this epoch
                     save_atomic(checkpoint, run / "best.pt")
                 save_atomic(checkpoint, run / "last.pt")

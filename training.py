@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -24,6 +25,14 @@ from config import TrainerConfig
 
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden, weight, targets) -> mean
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed the random draws of one epoch's steps (dropout masks, sampled negatives) from the run's
+    seed, the epoch and this process's rank. Each process under torchrun draws its own masks, and a
+    resumed run draws what the uninterrupted one drew, on a GPU as on a CPU, with no random state
+    to save."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
 
 
 def batch_loss(model: torch.nn.Module, batch, loss: Loss) -> tuple[torch.Tensor, torch.Tensor | int]:

@@ -7,8 +7,9 @@ import torch
 import speed
 from config import TrainerConfig, build_model, load_config
 from data import MovieLensSequenceDataset, load_movielens
+from kernels import dropout
 from training import (backward_and_update, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
-                      train_step)
+                      seed_epoch, train_step)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -125,3 +126,14 @@ def test_without_a_working_compiler_the_cpu_trains_eagerly(monkeypatch, ml1m_dir
         assert n == 8 and loss > 0
     finally:
         speed.can_compile_for_cpu.cache_clear()
+
+
+def test_each_process_draws_its_own_dropout_masks_and_a_resumed_epoch_the_same():
+    def mask(epoch: int, rank: int) -> torch.Tensor:
+        seed_epoch(seed=1, epoch=epoch, rank=rank)
+        torch.rand(3)  # whatever the epoch drew before
+        return dropout(torch.ones(4096), 0.5, training=True) > 0
+
+    assert torch.equal(mask(epoch=3, rank=0), mask(epoch=3, rank=0))  # resumed at epoch 3
+    assert not torch.equal(mask(epoch=3, rank=0), mask(epoch=3, rank=1))
+    assert not torch.equal(mask(epoch=3, rank=0), mask(epoch=4, rank=0))
