@@ -5,9 +5,10 @@
 Every process loads the data and builds the model; DistributedDataParallel copies rank 0's
 weights to all and averages the gradients of each step. Each process takes its share of each
 epoch's shuffled batches (the same shuffle everywhere, so N processes at batch b step through
-the batches one process at batch N x b would). Validation is split between the processes and
-its ranks gathered, so the metrics are those of one process. Rank 0 alone logs, writes
-TensorBoard and checkpoints. Without torchrun (WORLD_SIZE unset) this is one process, as usual.
+the batches one process at batch N x b would) and draws its own dropout masks
+(training.seed_epoch). Validation is split between the processes and its ranks gathered, so the
+metrics are those of one process. Rank 0 alone logs, writes TensorBoard and checkpoints. Without
+torchrun (WORLD_SIZE unset) this is one process, as usual.
 """
 from __future__ import annotations
 
