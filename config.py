@@ -77,11 +77,11 @@ REMOVED = {"trainer_config.compile_mode": "the captured CUDA-graph step (trainer
 class Origins:
     """Where each config value came from, for error messages: a file, or --set."""
 
-    def __init__(self, source: str, overridden: set[str] = frozenset()):
-        self.source, self.overridden = source, overridden
+    def __init__(self, source: str, overridden: set[str] = frozenset(), overrides_from: str = "--set"):
+        self.source, self.overridden, self.overrides_from = source, overridden, overrides_from
 
     def __call__(self, key: str) -> str:
-        return "--set" if key in self.overridden else self.source
+        return self.overrides_from if key in self.overridden else self.source
 
 
 def check_keys(raw: dict, cls: type, origins: Origins, prefix: str = "") -> None:
@@ -220,17 +220,22 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
 
 
-def read_yaml(path: str | Path) -> dict:
-    """The mapping in a YAML config file; a missing, empty or malformed file is a ConfigError."""
+def parse_yaml(path: str | Path, what: str = "config"):
+    """What a YAML file holds; a missing or malformed file is a ConfigError naming it as `what`."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError(f"cannot read the config {path}: {e.strerror}; give an existing YAML file") from None
+        raise ConfigError(f"cannot read the {what} {path}: {e.strerror}; give an existing YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file; a missing, empty or malformed file is a ConfigError."""
+    raw = parse_yaml(path)
     if raw is None:
         raise ConfigError(f"{path} is empty; a config names model_config and trainer_config "
                           f"(see {DEFAULT_CONFIG.name})")
@@ -239,17 +244,18 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def apply_overrides(raw: dict, overrides: list[str], source: str) -> Origins:
-    """Apply `--set` assignments to raw; the Origins that say which values they set."""
+def apply_overrides(raw: dict, overrides: list[str], source: str, overrides_from: str = "--set") -> Origins:
+    """Apply `--set` assignments to raw; the Origins that say which values they set (and that
+    they came from `overrides_from`)."""
     for assignment in overrides:
         apply_override(raw, assignment)
-    return Origins(source, {a.partition("=")[0] for a in overrides})
+    return Origins(source, {a.partition("=")[0] for a in overrides}, overrides_from)
 
 
-def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = (), overrides_from: str = "--set") -> Config:
     """The checked config of a YAML file with `--set section.key=value` overrides."""
     raw = read_yaml(path)
-    return config_from_dict(raw, apply_overrides(raw, overrides, str(path)))
+    return config_from_dict(raw, apply_overrides(raw, overrides, str(path), overrides_from))
 
 
 def pick_device(name: str) -> torch.device:

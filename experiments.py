@@ -31,7 +31,7 @@ import yaml
 from tbparse import SummaryReader
 
 from checkpoint import load_checkpoint
-from config import DEFAULT_CONFIG, load_config, read_yaml
+from config import DEFAULT_CONFIG, load_config, parse_yaml
 from errors import ConfigError, UserError, run_script
 from files import atomic_write
 
@@ -45,9 +45,12 @@ def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
     """Variant name -> `--set` overrides, from a grid file (or just the config, as `base`)."""
     if path is None:
         return {"base": []}
-    grid = read_yaml(path)
+    grid = parse_yaml(path, "grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{path}: expected a mapping of variant names to overrides "
+                          "(base: {}, no-user-embedding: {model_config.user_embedding_dimension: 0})")
     for name, overrides in grid.items():
-        if not isinstance(overrides, dict):
+        if overrides is not None and not isinstance(overrides, dict):
             raise ConfigError(f"{path}: variant {name} must map config keys to values, got {overrides!r}")
     return {str(name): [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
             for name, overrides in grid.items()}
@@ -132,8 +135,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     grid = read_grid(args.grid)
-    for overrides in grid.values():  # every variant's config checked before the first run
-        load_config(args.config, [*args.overrides, *overrides])
+    load_config(args.config, args.overrides)  # every variant's config checked before the first run
+    for variant, overrides in grid.items():
+        load_config(args.config, [*args.overrides, *overrides], f"{args.grid}, variant {variant}")
     out = (args.out or Path("experiments") / args.config.stem).resolve()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "grid.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(

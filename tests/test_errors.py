@@ -12,6 +12,7 @@ from loguru import logger
 
 import data
 import eval as evaluation
+import experiments
 import model_train
 import recommend
 from config import DEFAULT_CONFIG, load_config, make_datasets
@@ -132,6 +133,27 @@ def test_bad_config_files_name_the_file(tmp_path):
         load_config(broken)
     with pytest.raises(ConfigError, match=r"trainer_config.batch_size is 0 \(from .*bad.yaml\)"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("deeper: {model_config.transformer_config.num_layer: 4}",
+     "unknown config key model_config.transformer_config.num_layer (from {grid}, variant deeper); did you mean"),
+    ("wider: {model_config.transformer_config.embedding_dimension: 0}",
+     "embedding_dimension is 0 (from {grid}, variant wider)"),
+    ("- base", "{grid}: expected a mapping of variant names to overrides"),
+    ("", "{grid}: expected a mapping of variant names to overrides"),
+    ("base: [1]", "{grid}: variant base must map config keys to values"),
+    ("base: {a: [1}", r"{grid}, line 1: not valid YAML"),
+])
+def test_a_bad_grid_fails_before_any_run_naming_the_file_and_variant(grid, message, workdir, capsys):
+    path = workdir / "grid.yaml"
+    path.write_text(grid + "\n")
+    assert message.format(grid=path) in one_line_error(capsys, experiments.main, ["--grid", str(path)])
+    assert not (workdir / "experiments").exists()
+
+
+def test_a_missing_grid_is_named_as_one(workdir, capsys):
+    assert "cannot read the grid nowhere.yaml" in one_line_error(capsys, experiments.main, ["--grid", "nowhere.yaml"])
 
 
 def test_a_context_beyond_every_history_fails_before_training(ml1m_dir):
