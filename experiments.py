@@ -14,11 +14,13 @@ Each variant and seed is one `python model_train.py` run (its seed `trainer_conf
 targets are read once per finished run. `results.csv` and `results.md` in --out hold a row per
 run (variant, seed, best epoch, validation and test metrics with the test's bootstrap interval,
 minutes) and mean +- standard deviation per variant. Every run also lands in TensorBoard's
-HParams view (`tensorboard --logdir <out>/runs`). A finished run is not run again.
+HParams view (`tensorboard --logdir <out>/runs`). Each run's log shows as it trains. A finished
+run is not run again; a stopped one resumes from its last.pt.
 """
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
 import json
 import statistics
@@ -32,7 +34,7 @@ from tbparse import SummaryReader
 
 from checkpoint import load_checkpoint
 from config import DEFAULT_CONFIG, load_config, parse_yaml
-from errors import ConfigError, UserError, run_script
+from errors import ConfigError, Interrupted, UserError, run_script
 from files import atomic_write
 
 ROOT = Path(__file__).resolve().parent
@@ -57,10 +59,22 @@ def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
 
 
 def run(command: list[str], what: str) -> None:
-    result = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    if result.returncode != 0:
-        raise UserError(f"{what} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
+    """Run a repo script as a process, its log and progress bars shown as they come (an error, its
+    one line). Ctrl-C reaches the script too, which keeps what it can before the sweep stops."""
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    try:
+        for chunk in iter(lambda: process.stderr.read1(1 << 14), b""):
+            sys.stderr.write(decode(chunk))
+            sys.stderr.flush()
+        code = process.wait()
+    except KeyboardInterrupt:
+        code = process.wait()
+    if code == Interrupted.exit_code or code < 0:
+        raise Interrupted(f"the sweep stopped during {what}; the same command goes on from there")
+    if code != 0:
+        raise UserError(f"{what} failed (exit status {code}; the lines above say why)")
 
 
 def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Path) -> dict:

@@ -156,6 +156,14 @@ def test_a_missing_grid_is_named_as_one(workdir, capsys):
     assert "cannot read the grid nowhere.yaml" in one_line_error(capsys, experiments.main, ["--grid", "nowhere.yaml"])
 
 
+def test_a_failing_run_stops_the_sweep_after_its_own_message(workdir, capsys):
+    capsys.readouterr()
+    code = run_script(experiments.main, ["--set", f"trainer_config.data_dir={workdir / 'nowhere'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "holds no MovieLens files" in err[-2]
+    assert err[-1] == "error: training base-seed1 failed (exit status 2; the lines above say why)"
+
+
 def test_a_context_beyond_every_history_fails_before_training(ml1m_dir):
     config = load_config(overrides=[f"trainer_config.data_dir={ml1m_dir}",
                                     "model_config.transformer_config.context_window_size=10000"])
