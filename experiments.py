@@ -64,13 +64,16 @@ def run(command: list[str], what: str) -> None:
     process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
-    try:
+
+    def show_output() -> None:
         for chunk in iter(lambda: process.stderr.read1(1 << 14), b""):
             sys.stderr.write(decode(chunk))
             sys.stderr.flush()
-        code = process.wait()
+    try:
+        show_output()
     except KeyboardInterrupt:
-        code = process.wait()
+        show_output()  # the script got the Ctrl-C too: what it says it kept
+    code = process.wait()
     if code == Interrupted.exit_code or code < 0:
         raise Interrupted(f"the sweep stopped during {what}; the same command goes on from there")
     if code != 0:
