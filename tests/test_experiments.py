@@ -1,7 +1,13 @@
 """experiments.py: variants x seeds into one table, each run also in TensorBoard's HParams view."""
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import experiments
+from conftest import ROOT
 
 FAST = {"trainer_config.num_epochs": 2, "trainer_config.batch_size": 256, "trainer_config.compile": False,
         "model_config.transformer_config.num_layers": 1, "model_config.transformer_config.embedding_dimension": 16}
@@ -43,3 +49,23 @@ def test_every_shipped_config_and_grid_loads():
                 load_config(configs / grids[path.name], overrides)
         else:
             load_config(path, [])
+
+
+def test_ctrl_c_stops_the_sweep_and_the_same_command_goes_on(ml1m_dir, tmp_path):
+    """Ctrl-C reaches the sweep and its run together (one process group, as in a terminal)."""
+    argv = [sys.executable, str(ROOT / "experiments.py"), "--seeds", "1", "--out", str(tmp_path / "out"),
+            "--set", f"trainer_config.data_dir={ml1m_dir}", "--set", "trainer_config.num_epochs=3",
+            *(a for k, v in FAST.items() if k != "trainer_config.num_epochs" for a in ("--set", f"{k}={v}"))]
+    sweep = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: (os.setsid(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    last = tmp_path / "out" / "models" / "base-seed1" / "last.pt"
+    while not last.exists() and sweep.poll() is None:
+        time.sleep(0.1)
+    os.killpg(sweep.pid, signal.SIGINT)
+    _, err = sweep.communicate(timeout=120)
+    lines = [line.split("\r")[-1].strip() for line in err.splitlines()]
+    assert sweep.returncode == 130 and any(line.startswith("interrupted: the run stopped during epoch") for line in lines)
+    assert lines[-1] == "interrupted: the sweep stopped during training base-seed1; the same command goes on from there"
+    again = subprocess.run(argv, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "base | 1 |" in (tmp_path / "out" / "results.md").read_text()
