@@ -20,7 +20,6 @@ run is not run again; a stopped one resumes from its last.pt.
 from __future__ import annotations
 
 import argparse
-import codecs
 import csv
 import json
 import statistics
@@ -59,21 +58,13 @@ def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
 
 
 def run(command: list[str], what: str) -> None:
-    """Run a repo script as a process, its log and progress bars shown as they come (an error, its
-    one line). Ctrl-C reaches the script too, which keeps what it can before the sweep stops."""
-    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
-
-    def show_output() -> None:
-        for chunk in iter(lambda: process.stderr.read1(1 << 14), b""):
-            sys.stderr.write(decode(chunk))
-            sys.stderr.flush()
+    """Run a repo script as a process that shares this one's terminal (its log and progress bars
+    show as they come; Ctrl-C reaches it too, and it keeps what it can before the sweep stops)."""
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
-        show_output()
+        code = process.wait()
     except KeyboardInterrupt:
-        show_output()  # the script got the Ctrl-C too: what it says it kept
-    code = process.wait()
+        code = process.wait()
     if code == Interrupted.exit_code or code < 0:
         raise Interrupted(f"the sweep stopped during {what}; the same command goes on from there")
     if code != 0:

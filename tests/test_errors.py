@@ -156,10 +156,10 @@ def test_a_missing_grid_is_named_as_one(workdir, capsys):
     assert "cannot read the grid nowhere.yaml" in one_line_error(capsys, experiments.main, ["--grid", "nowhere.yaml"])
 
 
-def test_a_failing_run_stops_the_sweep_after_its_own_message(workdir, capsys):
-    capsys.readouterr()
+def test_a_failing_run_stops_the_sweep_after_its_own_message(workdir, capfd):
+    capfd.readouterr()
     code = run_script(experiments.main, ["--set", f"trainer_config.data_dir={workdir / 'nowhere'}"])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and "holds no MovieLens files" in err[-2]
     assert err[-1] == "error: training base-seed1 failed (exit status 2; the lines above say why)"
 

@@ -13,13 +13,13 @@ FAST = {"trainer_config.num_epochs": 2, "trainer_config.batch_size": 256, "train
         "model_config.transformer_config.num_layers": 1, "model_config.transformer_config.embedding_dimension": 16}
 
 
-def test_seeds_and_variants_make_one_table(ml1m_dir, tmp_path, capsys):
+def test_seeds_and_variants_make_one_table(ml1m_dir, tmp_path, capfd):
     grid = tmp_path / "grid.yaml"
     grid.write_text("base: {}\nno-user-embedding: {model_config.user_embedding_dimension: 0}\n")
     argv = ["--seeds", "2", "--grid", str(grid), "--out", str(tmp_path / "out"),
             "--set", f"trainer_config.data_dir={ml1m_dir}", *(a for k, v in FAST.items() for a in ("--set", f"{k}={v}"))]
     rows = experiments.main(argv)
-    assert "epoch 2: " in capsys.readouterr().err  # each run's log shows as it trains
+    assert "epoch 2: " in capfd.readouterr().err  # each run's log shows as it trains
     assert [(r["variant"], r["seed"]) for r in rows] == [("base", 1), ("base", 2), ("no-user-embedding", 1),
                                                            ("no-user-embedding", 2)]
     assert len({r["test_ndcg@10"] for r in rows}) == 4  # seeds and variants differ
