@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,8 +66,10 @@ def run(command: list[str], what: str) -> None:
         code = process.wait()
     except KeyboardInterrupt:
         code = process.wait()
-    if code == Interrupted.exit_code or code < 0:
+    if code in (Interrupted.exit_code, -signal.SIGINT):
         raise Interrupted(f"the sweep stopped during {what}; the same command goes on from there")
+    if code < 0:
+        raise UserError(f"{what} was killed (signal {-code}); the same command resumes it from its last checkpoint")
     if code != 0:
         raise UserError(f"{what} failed (exit status {code}; the lines above say why)")
 
