@@ -13,11 +13,16 @@ FAST = {"trainer_config.num_epochs": 2, "trainer_config.batch_size": 256, "train
         "model_config.transformer_config.num_layers": 1, "model_config.transformer_config.embedding_dimension": 16}
 
 
+def sweep_args(data_dir, out, *extra: str) -> list[str]:
+    """A small, fast sweep's arguments on data_dir into out; later --set pairs in extra win."""
+    pairs = [f"trainer_config.data_dir={data_dir}", *(f"{k}={v}" for k, v in FAST.items()), *extra]
+    return ["--out", str(out), *(a for pair in pairs for a in ("--set", pair))]
+
+
 def test_seeds_and_variants_make_one_table(ml1m_dir, tmp_path, capfd):
     grid = tmp_path / "grid.yaml"
     grid.write_text("base: {}\nno-user-embedding: {model_config.user_embedding_dimension: 0}\n")
-    argv = ["--seeds", "2", "--grid", str(grid), "--out", str(tmp_path / "out"),
-            "--set", f"trainer_config.data_dir={ml1m_dir}", *(a for k, v in FAST.items() for a in ("--set", f"{k}={v}"))]
+    argv = ["--seeds", "2", "--grid", str(grid), *sweep_args(ml1m_dir, tmp_path / "out")]
     rows = experiments.main(argv)
     assert "epoch 2: " in capfd.readouterr().err  # each run's log shows as it trains
     assert [(r["variant"], r["seed"]) for r in rows] == [("base", 1), ("base", 2), ("no-user-embedding", 1),
@@ -53,9 +58,8 @@ def test_every_shipped_config_and_grid_loads():
 
 def test_ctrl_c_stops_the_sweep_and_the_same_command_goes_on(ml1m_dir, tmp_path):
     """Ctrl-C reaches the sweep and its run together (one process group, as in a terminal)."""
-    argv = [sys.executable, str(ROOT / "experiments.py"), "--seeds", "1", "--out", str(tmp_path / "out"),
-            "--set", f"trainer_config.data_dir={ml1m_dir}", "--set", "trainer_config.num_epochs=3",
-            *(a for k, v in FAST.items() if k != "trainer_config.num_epochs" for a in ("--set", f"{k}={v}"))]
+    argv = [sys.executable, str(ROOT / "experiments.py"), "--seeds", "1",
+            *sweep_args(ml1m_dir, tmp_path / "out", "trainer_config.num_epochs=3")]
     sweep = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: (os.setsid(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
     last = tmp_path / "out" / "models" / "base-seed1" / "last.pt"
