@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_atomic, saved_config
 from config import DEFAULT_CONFIG, Config, TrainerConfig, build_model, load_config, make_datasets
 from data import MovieLensData
-from distributed import Group, gather, on_main, start, stop, sum_over_processes, wait_for_all
+from distributed import Group, exit_process, gather, on_main, start, stop, sum_over_processes, wait_for_all
 from errors import Interrupted, UserError, run_script
 from files import atomic_write, write_error
 from plots import plot_training_curves
@@ -240,4 +239,4 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(main))
+    exit_process(run_script(main))
