@@ -1,4 +1,5 @@
 """torchrun with DistributedDataParallel on CPUs (gloo), two processes on tiny data."""
+import re
 import shutil
 import subprocess
 import sys
@@ -22,14 +23,19 @@ def even_data(tmp_path_factory) -> Path:
     return write_ml1m(tmp_path_factory.mktemp("even") / "ml-1m", rows, num_users=64, num_movies=200)
 
 
-def train(folder: Path, data_dir: Path, launcher: list[str], batch_size: int, *extra: str) -> Path:
+def run_training(folder: Path, data_dir: Path, launcher: list[str], batch_size: int,
+                 *extra: str) -> subprocess.CompletedProcess:
     pairs = [f"trainer_config.data_dir={data_dir}", "trainer_config.cache=false", "trainer_config.compile=false",
              "trainer_config.num_epochs=2", "trainer_config.patience=null", f"trainer_config.batch_size={batch_size}",
              "trainer_config.run_name=run", *(f"model_config.transformer_config.{k}=0.0" for k in
                                               ("embedding_dropout", "attention_dropout", "residual_dropout"))]
     args = extra if extra and extra[0] == "--resume" else [a for p in (*pairs, *extra) for a in ("--set", p)]
-    result = subprocess.run([*launcher, str(ROOT / "model_train.py"), *args], cwd=folder, capture_output=True,
-                            text=True, timeout=300)
+    return subprocess.run([*launcher, str(ROOT / "model_train.py"), *args], cwd=folder, capture_output=True,
+                          text=True, timeout=300)
+
+
+def train(folder: Path, data_dir: Path, launcher: list[str], batch_size: int, *extra: str) -> Path:
+    result = run_training(folder, data_dir, launcher, batch_size, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder / "models" / "run"
 
@@ -79,3 +85,16 @@ def test_sharded_validation_equals_one_process_and_resume_continues(even_data, t
     resumed = train(tmp_path, even_data, TORCHRUN, 256, "--resume", str(halted), "--set", "trainer_config.num_epochs=2")
     a, b = load_checkpoint(tmp_path / "whole" / "last.pt")["model"], load_checkpoint(resumed / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_error_on_rank_0_ends_every_process_with_its_line(even_data, tmp_path):
+    """Rank 0 finds the run folder taken: its one line, and every process exits with the error's
+    status (2) rather than waiting for rank 0 or aborting on the way out."""
+    (tmp_path / "models" / "run").mkdir(parents=True)
+    (tmp_path / "models" / "run" / "last.pt").write_bytes(b"a run's checkpoint")
+    result = run_training(tmp_path, even_data, TORCHRUN, 256)
+    assert result.returncode != 0
+    assert "error: models/run already exists" in result.stderr
+    assert re.search(r"exitcode\s*:\s*2 ", result.stderr), result.stderr[-3000:]  # torchrun's report
+    assert "terminate called" not in result.stderr
+    assert (tmp_path / "models" / "run" / "last.pt").read_bytes() == b"a run's checkpoint"
