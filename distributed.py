@@ -41,10 +41,15 @@ class Group:
         return self.world > 1
 
 
+def torchrun_world() -> int:
+    """How many processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start(device_name: str) -> tuple[Group, torch.device]:
     """Join torchrun's process group where there is one (NCCL, each process on its LOCAL_RANK's
     GPU; gloo on CPUs); the group and this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = torchrun_world()
     device = pick_device(device_name)
     if world == 1:
         return Group(), device
@@ -76,7 +81,7 @@ def exit_process(code: int) -> NoReturn:
     the process ("terminate called without an active exception", SIGABRT), and torchrun then
     reports a finished run as failed: seen on a loaded 2-core machine. By the time this runs,
     the run's files are written and closed; only stdout and stderr need flushing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_world() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
