@@ -13,10 +13,11 @@ from typing import Any, Optional
 import torch
 
 from config import Config, apply_overrides, build_model, config_from_dict, upgrade_saved_config
-from data import DatasetMetadata, MovieLensData, ensure_movielens, load_movielens
+from data import DatasetMetadata, MovieLensData, load_movielens
 from errors import CheckpointError
 from files import atomic_write
 from movielens_transformer import MovieLensTransformer
+from releases import ensure_movielens
 
 
 def save_atomic(obj: Any, path: Path) -> None:

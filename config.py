@@ -18,10 +18,10 @@ import dacite
 import torch
 import yaml
 
-from data import (SPLITS, DatasetMetadata, MovieLensData, MovieLensSequenceDataset, SequenceChunks, ensure_movielens,
-                  load_movielens)
+from data import SPLITS, DatasetMetadata, MovieLensData, MovieLensSequenceDataset, SequenceChunks, load_movielens
 from errors import ConfigError
 from movielens_transformer import INITS, MODES, MovieLensTransformer, MovieLensTransformerConfig
+from releases import ensure_movielens
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "training_config.yaml"
 
@@ -296,7 +296,7 @@ def make_datasets(config: Config, data: Optional[MovieLensData] = None) -> dict:
     if c > longest + 1:
         raise ConfigError(f"{key} is {c} (from {origin(config, key)}), longer than every history in {tc.data_dir} "
                           f"(the longest: {longest:,} ratings); it must be at most {longest + 1:,} (SOS included)")
-    datasets["train"] = (SequenceChunks(data, c, tc.split) if mc.mode == "sequence" else
+    datasets["train"] = (SequenceChunks(data, c) if mc.mode == "sequence" else
                          MovieLensSequenceDataset(data, "train", c, tc.window_stride, tc.split, tc.seed))
     if len(datasets["train"]) == 0:
         raise ConfigError(f"no training targets in {tc.data_dir} with {key} {c} (from {origin(config, key)}); "

@@ -75,12 +75,11 @@ def stop(group: Group) -> None:
 def exit_process(code: int) -> NoReturn:
     """End the process with `code`; under torchrun, without Python's interpreter shutdown.
 
-    DistributedDataParallel keeps the gloo process group, and so its worker threads, alive past
-    destroy_process_group (torch 2.13), and the collectives of a backward pass hold a Python
-    object. A worker that lets go of such a collective while the interpreter shuts down aborts
-    the process ("terminate called without an active exception", SIGABRT), and torchrun then
-    reports a finished run as failed: seen on a loaded 2-core machine. By the time this runs,
-    the run's files are written and closed; only stdout and stderr need flushing."""
+    DistributedDataParallel keeps the gloo process group's worker threads alive past
+    destroy_process_group, and a worker that releases a backward pass's collective (which holds a
+    Python object) while the interpreter shuts down aborts the process with SIGABRT: torchrun
+    would then report a finished run as failed. The run's files are written and closed by the
+    time this runs; only stdout and stderr need flushing."""
     if torchrun_world() > 1:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -17,7 +17,7 @@ import torch
 
 from checkpoint import data_for_checkpoint, load_checkpoint, model_from_checkpoint
 from config import make_datasets, pick_device
-from data import with_context
+from data import EXCLUDE, with_context
 from errors import UserError, run_script
 from files import atomic_write
 from plots import plot_results
@@ -29,9 +29,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--split", choices=("test", "validation"), default="test")
+    parser.add_argument("--subset", choices=("test", "validation"),
+                        help="the targets to rank: each user's last rating (test, the default) or the one before it")
+    parser.add_argument("--split", choices=("test", "validation"), dest="old_subset", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, nargs="+", default=[3, 5, 10])
-    parser.add_argument("--exclude", choices=("history", "window"), default="history",
+    parser.add_argument("--exclude", choices=EXCLUDE, default="history",
                         help="history: every movie rated before the target (default); "
                              "window: only the input window, as the post did")
     parser.add_argument("--against", metavar="CHECKPOINT|BASELINE",
@@ -44,6 +46,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--save-predictions", type=Path, metavar="CSV")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="bar chart of model vs baselines")
     args = parser.parse_args(argv)
+    if args.old_subset:
+        print("note: --split is now called --subset (trainer_config.split names the protocol)", file=sys.stderr)
+    args.subset = args.subset or args.old_subset or "test"
     if min(args.k) < 1 or args.batch_size < 1 or args.resamples < 10:
         parser.error("every --k and --batch-size must be at least 1, --resamples at least 10")
 
@@ -53,7 +58,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
                         f"give K of at most {metadata.num_movies:,}")
     data = data_for_checkpoint(config, metadata, args.data_dir)
     device = pick_device(args.device)
-    dataset = make_datasets(config, data)[args.split].to(device)
+    dataset = make_datasets(config, data)[args.subset].to(device)
     ks = tuple(sorted(args.k))
     scorers = {"model": model_scorer(model.to(device))}
     scorers.update({name: constant_scorer(s) for name, s in popularity_baselines(dataset).items()})
@@ -73,7 +78,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     results = {name: {metric: v.mean().item() for metric, v in values.items()} for name, values in per_user.items()}
     intervals = {name: bootstrap_intervals(values, args.resamples) for name, values in per_user.items()}
     split = config.trainer_config.split
-    print(f"{metadata.name}, split {split} ({args.split}, {len(dataset):,} targets), exclude {args.exclude}, "
+    print(f"{metadata.name}, split {split} ({args.subset}, {len(dataset):,} targets), exclude {args.exclude}, "
           f"ranking over all {metadata.num_movies:,} movies; [95% bootstrap interval over users]")
     print(markdown_table(results, ks, intervals))
     print("One target per user: MAP@K equals MRR@K and Recall@K equals HR@K.")
@@ -89,8 +94,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
               "these numbers are leaky.")
     if args.plot:
         plot_results(results, ks, args.plot)
-    out = args.checkpoint.parent / f"eval_{args.split}_{args.exclude}.json"
-    report = json.dumps({"split": split, "subset": args.split, "exclude": args.exclude, "targets": len(dataset),
+    out = args.checkpoint.parent / f"eval_{args.subset}_{args.exclude}.json"
+    report = json.dumps({"split": split, "subset": args.subset, "exclude": args.exclude, "targets": len(dataset),
                          "results": results, "intervals": intervals, "resamples": args.resamples,
                          "against": args.against, "paired_difference": comparison}, indent=2)
     atomic_write(out, lambda tmp: tmp.write_text(report))

@@ -31,8 +31,8 @@ from errors import Interrupted, UserError, run_script
 from files import atomic_write, write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
-from speed import Step, make_training_step, speed_settings
-from training import load_optimizer_state, make_loss, make_optimizer, make_schedule, seed_epoch
+from speed import Step, speed_settings
+from training import load_optimizer_state, make_loss, make_optimizer, make_schedule, make_training_step, seed_epoch
 
 
 def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Generator,

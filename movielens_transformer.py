@@ -55,8 +55,6 @@ class Dropout(nn.Dropout):
 class CausalMultiHeadAttention(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        if config.embedding_dimension % config.num_heads:
-            raise ValueError("embedding_dimension must be divisible by num_heads")
         self.num_heads = config.num_heads
         self.qkv = nn.Linear(config.embedding_dimension, 3 * config.embedding_dimension)
         self.out = nn.Linear(config.embedding_dimension, config.embedding_dimension)
@@ -111,14 +109,14 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(CausalTransformerBlock(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.embedding_dimension)
 
-    def forward(self, movie_ids: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, movie_tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """padding_mask: bool [B, T], True at left-padding positions, which no query attends."""
-        t = movie_ids.shape[1]
+        t = movie_tokens.shape[1]
         if t > self.config.context_window_size:
             raise ValueError(f"input of length {t} exceeds context_window_size "
                              f"{self.config.context_window_size}")
-        positions = torch.arange(t, device=movie_ids.device)
-        x = self.dropout(self.token_embedding(movie_ids) + self.position_embedding(positions))
+        positions = torch.arange(t, device=movie_tokens.device)
+        x = self.dropout(self.token_embedding(movie_tokens) + self.position_embedding(positions))
         mask = None
         if padding_mask is not None:
             causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
@@ -155,10 +153,6 @@ class MovieLensTransformer(nn.Module):
 
     def __init__(self, config: MovieLensTransformerConfig):
         super().__init__()
-        if config.mode not in MODES:
-            raise ValueError(f"model_config.mode must be 'window' or 'sequence', got {config.mode!r}")
-        if config.init not in INITS:
-            raise ValueError(f"model_config.init must be one of {sorted(INITS)}, got {config.init!r}")
         self.config = config
         tc = config.transformer_config
         self.transformer = Transformer(tc)
@@ -168,54 +162,50 @@ class MovieLensTransformer(nn.Module):
             width *= tc.context_window_size
         self.interaction_mlp = InteractionMLP(width, config.interaction_mlp_hidden_sizes, tc.vocab_size)
         self.apply(INITS[config.init])
-        if config.tie_output_embeddings:
-            last = ([width, *config.interaction_mlp_hidden_sizes])[-1]
-            if last != tc.embedding_dimension:
-                raise ValueError("tie_output_embeddings needs the last interaction_mlp_hidden_sizes "
-                                 f"entry to equal embedding_dimension ({tc.embedding_dimension}), got {last}")
+        if config.tie_output_embeddings:  # config.check_values: the last hidden size is the embedding's
             self.interaction_mlp.net[-1].weight = self.transformer.token_embedding.weight
 
-    def _features(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
+    def _features(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor,
                   padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """[state || user embedding] at every position: [B, T, d + du]."""
-        states = self.transformer(movie_ids, padding_mask)
-        users = self.user_embedding(user_ids)[:, None, :].expand(-1, movie_ids.shape[1], -1)
+        states = self.transformer(movie_tokens, padding_mask)
+        users = self.user_embedding(user_tokens)[:, None, :].expand(-1, movie_tokens.shape[1], -1)
         return torch.cat([states, users], dim=-1)
 
-    def hidden(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
+    def hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor,
                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, H]: the interaction MLP's last hidden layer for the movie after each input window,
         which output_weight turns into logits.
 
         padding_mask: bool [B, T], True at left padding. The sequence mode masks those positions;
         the post's window model reads the whole window, its SOS padding included, as tokens."""
-        b, t = movie_ids.shape
+        b, t = movie_tokens.shape
         if self.config.mode == "sequence":
-            return self.interaction_mlp.hidden(self._features(movie_ids, user_ids, padding_mask)[:, -1])
+            return self.interaction_mlp.hidden(self._features(movie_tokens, user_tokens, padding_mask)[:, -1])
         if t != self.config.transformer_config.context_window_size:
             raise ValueError(f"window of length {t}; the model takes exactly "
                              f"{self.config.transformer_config.context_window_size}")
-        return self.interaction_mlp.hidden(self._features(movie_ids, user_ids, None).reshape(b, -1))
+        return self.interaction_mlp.hidden(self._features(movie_tokens, user_tokens, None).reshape(b, -1))
 
-    def sequence_hidden(self, movie_ids: torch.Tensor, user_ids: torch.Tensor, padding_mask: torch.Tensor,
+    def sequence_hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, padding_mask: torch.Tensor,
                         select: torch.Tensor) -> torch.Tensor:
         """[N, H]: the last hidden layer at the N positions where select is True (sequence mode)."""
-        return self.interaction_mlp.hidden(self._features(movie_ids, user_ids, padding_mask)[select])
+        return self.interaction_mlp.hidden(self._features(movie_tokens, user_tokens, padding_mask)[select])
 
     @property
     def output_weight(self) -> torch.Tensor:
         """[vocab, H]: logits = hidden @ output_weight.T (the movie embeddings when tied)."""
         return self.interaction_mlp.net[-1].weight
 
-    def forward(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
+    def forward(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor,
                 padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, vocab] logits for the movie after each input window (see hidden)."""
-        return self.interaction_mlp.net[-1](self.hidden(movie_ids, user_ids, padding_mask))
+        return self.interaction_mlp.net[-1](self.hidden(movie_tokens, user_tokens, padding_mask))
 
-    def sequence_logits(self, movie_ids: torch.Tensor, user_ids: torch.Tensor,
+    def sequence_logits(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor,
                         padding_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
         """[N, vocab] logits at the N positions where select is True (sequence mode)."""
-        return self.interaction_mlp.net[-1](self.sequence_hidden(movie_ids, user_ids, padding_mask, select))
+        return self.interaction_mlp.net[-1](self.sequence_hidden(movie_tokens, user_tokens, padding_mask, select))
 
 
 def _init_weights(module: nn.Module, fill) -> None:

@@ -24,13 +24,13 @@ def model_scorer(model: torch.nn.Module, compiled: bool = False) -> Scorer:
 
     compiled: through torch.compile, with any batch size. It costs seconds of compilation once
     and pays off where evaluation repeats, as in training's validation every epoch."""
-    scorer = lambda batch: model(batch.movie_ids, batch.user_ids, batch.padding_mask).float()
+    scorer = lambda batch: model(batch.movie_tokens, batch.user_tokens, batch.padding_mask).float()
     return torch.compile(scorer, dynamic=True) if compiled else scorer
 
 
 def constant_scorer(scores: torch.Tensor) -> Scorer:
     """The same score vector for every target (a popularity baseline)."""
-    return lambda batch: scores.to(batch.user_ids.device).expand(len(batch.user_ids), -1)
+    return lambda batch: scores.to(batch.user_tokens.device).expand(len(batch.user_tokens), -1)
 
 
 def popularity_baselines(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
@@ -52,7 +52,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Te
     Ties are broken by token index, so equal scores (popularity counts) are ranked as a stable
     sort would rank them, not in the target's favour.
     """
-    excluded = excluded.view(torch.uint8)  # the same bytes; compiled, bool loads made this 4x slower
+    excluded = excluded.view(torch.uint8)  # the same bytes, which inductor's kernels load faster than bool
     target_score = scores.gather(1, targets[:, None])
     index = torch.arange(scores.shape[1], device=scores.device)
     ahead = (scores > target_score) | ((scores == target_score) & (index < targets[:, None]))
@@ -72,7 +72,7 @@ def ranker(compiled: bool) -> Ranker:
 @functools.cache
 def compiled_target_ranks() -> Ranker:
     ranks = torch.compile(target_ranks, dynamic=True)
-    # viewed outside the graph: inside, inductor made the bool-to-uint8 view a slow copy
+    # viewed outside the graph: inside it, inductor turns the bool-to-uint8 view into a copy
     return lambda scores, targets, excluded: ranks(scores, targets, excluded.view(torch.uint8))
 
 
@@ -182,6 +182,6 @@ def prediction_writer(f: TextIO, metadata: DatasetMetadata) -> TopSink:
     writer.writerow(["user_id", "rank", "item_id"])
 
     def write(batch: Batch, top: torch.Tensor) -> None:
-        for user, row in zip(batch.user_ids.tolist(), top.tolist()):
+        for user, row in zip(batch.user_tokens.tolist(), top.tolist()):
             writer.writerows((metadata.user_ids[user], r, metadata.movie_ids[t]) for r, t in enumerate(row, 1) if t >= 0)
     return write

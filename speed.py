@@ -1,11 +1,11 @@
-"""How training runs fast: decided once (speed_settings), applied once (make_training_step).
+"""How training runs fast: three switches decided once (speed_settings) and the wrappers that
+apply them, each a function of a step or loss (training.make_training_step applies them).
 
-Three switches, each a trainer_config key whose null means "decide from the device":
+Each switch is a trainer_config key whose null means "decide from the device":
 - compile: torch.compile of the training loss (model and cross-entropy in one graph, so the
   softmax over all movies fuses with the loss) and of validation. On by default where batches
-  have one fixed shape (the window mode: the sequence mode's varying number of trained
-  positions ran at half the eager speed compiled) on CUDA, and on a CPU where inductor can
-  build kernels (it needs a C++ compiler).
+  have one fixed shape (the window mode) on CUDA, and on a CPU where inductor can build kernels
+  (it needs a C++ compiler).
 - bf16: autocast of the training loss. On by default on CUDA, and for a compiled loss on a CPU
   with bf16 arithmetic (AVX512-BF16 or AMX).
 - cuda_graph: the whole step (forward, backward, Adam) captured once and replayed, one launch a
@@ -18,16 +18,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from loguru import logger
-from torch.nn.parallel import DistributedDataParallel
 
 from config import TrainerConfig
-from distributed import weigh_by_targets
 from errors import ConfigError
-from training import Loss, LossFn, ModelLoss, backward_and_update, train_step
+
+Step = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]  # a batch -> (mean loss, its targets)
 
 
 @dataclass(frozen=True)
@@ -75,48 +74,49 @@ def has_cpu_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def is_full(batch, tc: TrainerConfig) -> bool:
+def is_full(batch, batch_size: int) -> bool:
     """A batch of batch_size rows: the one shape that is compiled and captured as a CUDA graph."""
-    return len(batch.user_ids) == tc.batch_size
+    return len(batch.user_tokens) == batch_size
 
 
-def make_loss_fn(model: torch.nn.Module, loss: Loss, tc: TrainerConfig, speed: Speed, device: torch.device,
-                 distributed: bool = False) -> LossFn:
-    """batch_loss under bf16 autocast and compiled, as speed says. distributed: through
-    DistributedDataParallel, which averages the gradients over the processes, each process's
-    gradient weighed by its share of the step's targets."""
-    model_loss = ModelLoss(model, loss)
-    if distributed:
-        model_loss = DistributedDataParallel(model_loss, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def loss_fn(batch):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=speed.bf16, cache_enabled=False):
-            return model_loss(batch)
-    fn = compile_loss(loss_fn, tc, device) if speed.compile else loss_fn
-    if not distributed:
-        return fn
-
-    def weighed(batch):
-        loss, count = fn(batch)
-        return weigh_by_targets(loss, count), count
-    return weighed
+def in_bf16(fn: Step, device: torch.device, enabled: bool) -> Step:
+    """fn under bf16 autocast where enabled."""
+    def autocast(batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False):
+            return fn(batch)
+    return autocast
 
 
-def compile_loss(loss_fn: LossFn, tc: TrainerConfig, device: torch.device) -> LossFn:
-    """loss_fn compiled for full batches; an epoch's last, smaller batch runs eagerly rather than
+def compiled_for_full_batches(fn: Step, batch_size: int, device: torch.device) -> Step:
+    """fn compiled for full batches; an epoch's last, smaller batch runs eagerly rather than
     compiling a second graph for it."""
     if device.type == "cpu":
         # inductor's CPU kernels for the embeddings' gradients add atomically unless asked not
         # to, and two runs of one seed then differed; this flag is process-wide
         torch.use_deterministic_algorithms(True, warn_only=True)
     # fallback_random: aten's random numbers, so dropout draws as it does eagerly (and faster)
-    compiled = torch.compile(loss_fn, options={"fallback_random": True} if device.type == "cpu" else None)
-    return lambda batch: compiled(batch) if is_full(batch, tc) else loss_fn(batch)
+    compiled = torch.compile(fn, options={"fallback_random": True} if device.type == "cpu" else None)
+    return lambda batch: compiled(batch) if is_full(batch, batch_size) else fn(batch)
 
 
-def capture_step(loss_fn: LossFn, optimizer: torch.optim.Optimizer, example, grad_clip: Optional[float]):
-    """The forward, backward and optimizer step captured once as a CUDA graph, and a function that
-    replays it on a batch of example's shape. The optimizer must be capturable and have its state."""
+def replayed_as_cuda_graph(step: Step, loss_fn: Step, optimizer: torch.optim.Optimizer, batch_size: int) -> Step:
+    """step (forward, backward, optimizer update) captured as a CUDA graph at the first full batch
+    once the optimizer has its state, and replayed for every later full batch; other batches run
+    step itself. loss_fn (step's forward) warms up the capture; the optimizer must be capturable."""
+    replay = None
+
+    def graphed(batch):
+        nonlocal replay
+        if not is_full(batch, batch_size) or not optimizer.state:
+            return step(batch)
+        replay = replay or capture(step, loss_fn, optimizer, batch)
+        return replay(batch)
+    return graphed
+
+
+def capture(step: Step, loss_fn: Step, optimizer: torch.optim.Optimizer, example) -> Step:
+    """step captured once as a CUDA graph on a copy of example, and a function that replays it on
+    a batch of example's shape."""
     static = type(example)(*(t.clone() for t in example))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -127,39 +127,11 @@ def capture_step(loss_fn: LossFn, optimizer: torch.optim.Optimizer, example, gra
     optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss, count = loss_fn(static)
-        backward_and_update(loss, optimizer, grad_clip)
+        loss, count = step(static)
 
     def replay(batch) -> tuple[torch.Tensor, torch.Tensor | int]:
         for buffer, tensor in zip(static, batch):
             buffer.copy_(tensor)
         graph.replay()
-        return loss.detach(), count
+        return loss, count
     return replay
-
-
-Step = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]
-
-
-def make_training_step(model: torch.nn.Module, loss: Loss, optimizer: torch.optim.Optimizer, schedule,
-                       tc: TrainerConfig, speed: Speed, device: torch.device, distributed: bool = False) -> Step:
-    """The training step for a batch, as speed says: (loss, targets) without a host sync. With a
-    CUDA graph, every full batch once the optimizer has its state replays one graph captured at
-    the first such batch; other batches run train_step. The optimizer must be capturable then."""
-    loss_fn = make_loss_fn(model, loss, tc, speed, device, distributed)
-
-    def eager(batch):
-        return train_step(loss_fn, optimizer, batch, tc.grad_clip, schedule)
-    if not speed.cuda_graph:
-        return eager
-    replay = None
-
-    def step(batch):
-        nonlocal replay
-        if not is_full(batch, tc) or not optimizer.state:
-            return eager(batch)
-        replay = replay or capture_step(loss_fn, optimizer, batch, tc.grad_clip)
-        out = replay(batch)
-        schedule.step()
-        return out
-    return step

@@ -9,13 +9,13 @@ second, and the file ordered by user and movie rather than by time, as GroupLens
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
-from data import ML100K_GENRES
+from releases import FORMATS, ML100K_GENRES
 
-FORMATS = ("ml-1m", "ml-100k", "ml-10m", "csv")
 GENRES = ML100K_GENRES[1:]
 FIRST_TIMESTAMP, LAST_TIMESTAMP = 820_454_400, 1_700_000_000  # 1996 to 2023
 
@@ -85,33 +85,31 @@ def synthetic_movies(num_movies: int, seed: int = 0) -> pd.DataFrame:
 
 def write_movielens(folder: Path, fmt: str, num_users: int, num_movies: int, num_ratings: int,
                     seed: int = 0) -> Path:
-    """Write a synthetic MovieLens folder in the format fmt (one of FORMATS); returns folder."""
+    """Write a synthetic MovieLens folder in the layout FORMATS[fmt]; returns folder."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    folder = Path(folder)
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    layout, folder = FORMATS[fmt], Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ratings = synthetic_ratings(num_users, num_movies, num_ratings, seed, half_stars=fmt in ("ml-10m", "csv"))
+    ratings = synthetic_ratings(num_users, num_movies, num_ratings, seed, half_stars=layout.half_stars)
     movies = synthetic_movies(num_movies, seed)
-    sep, header, name = {"csv": (",", "userId,movieId,rating,timestamp", "ratings.csv"),
-                         "ml-100k": ("\t", None, "u.data")}.get(fmt, ("::", None, "ratings.dat"))
-    stars = {"csv": "{:.1f}", "ml-10m": "{:g}"}.get(fmt, "{:.0f}")  # 3.5 and 4.0; 3.5 and 4; 4
-    write_ratings(folder / name, ratings, sep, header, stars)
-    if fmt == "csv":
-        movies.to_csv(folder / "movies.csv", header=["movieId", "title", "genres"], index=False)
-    elif fmt == "ml-100k":
-        write_lines(folder / "u.user", [f"{u}|30|M|other|00000" for u in range(1, num_users + 1)])
+    write_ratings(folder / layout.ratings, ratings, layout.ratings_separator, layout.ratings_header, layout.star_format)
+    sep, encoding = layout.separator, layout.movies_encoding or "utf-8"
+    if layout.movies_header:
+        movies.to_csv(folder / layout.movies, header=layout.movies_header.split(","), index=False)
+    elif layout.genre_flags:
         flags = ["|".join("1" if g in genres.split("|") else "0" for g in ML100K_GENRES) for genres in movies.genres]
-        write_lines(folder / "u.item", [f"{m}|{t}|01-Jan-1995||http://example.invalid|{f}"
-                                        for m, t, f in zip(movies.movie_id, movies.title, flags)])
+        write_lines(folder / layout.movies, [f"{m}|{t}|01-Jan-1995||http://example.invalid|{f}"
+                                             for m, t, f in zip(movies.movie_id, movies.title, flags)], encoding)
     else:
-        if fmt == "ml-1m":
-            write_lines(folder / "users.dat", [f"{u}::M::25::0::00000" for u in range(1, num_users + 1)])
-        write_lines(folder / "movies.dat", [f"{m}::{t}::{g}" for m, t, g in movies.itertuples(index=False)],
-                    encoding="ISO-8859-1" if fmt == "ml-1m" else "utf-8")
+        write_lines(folder / layout.movies, [sep.join(map(str, row)) for row in movies.itertuples(index=False)],
+                    encoding)
+    if layout.users:  # age group, sex, occupation and zip code in each layout's order
+        fields = ("30", "M", "other", "00000") if fmt == "ml-100k" else ("M", "25", "0", "00000")
+        write_lines(folder / layout.users, [sep.join((str(u), *fields)) for u in range(1, num_users + 1)])
     return folder
 
 
-def write_ratings(path: Path, ratings: pd.DataFrame, sep: str, header: str | None, stars: str,
+def write_ratings(path: Path, ratings: pd.DataFrame, sep: str, header: Optional[str], stars: str,
                   chunk: int = 1 << 20) -> None:
     """One line a rating, in chunks (32 million lines in well under a minute), the stars written
     with the format string `stars` as the release writes them."""

@@ -1,29 +1,33 @@
-"""What one training step is made of: the loss, the optimizer, the learning-rate schedule.
+"""One training step, read top to bottom: the loss of the model on a batch, the optimizer and its
+learning-rate schedule, and make_training_step, which joins them and applies speed.py's wrappers.
 
-The loss is cross-entropy over all movies at the targets the batch type names (one per window
-in the window mode, every trained position in the sequence mode), from the model's last hidden
-layer and its output weights. `make_loss` picks one of three forms of it:
+The loss is cross-entropy over all movies at the batch's targets (one per window in the window
+mode, every trained position in the sequence mode), from the model's last hidden layer and its
+output weights (batch_loss). `make_loss` picks one of its three forms:
 - full_softmax_loss: the logits of every movie, the post's loss; with loss_chunk_rows, computed
   and recomputed for backward in row chunks, so that the [rows x movies] logits of a large
   catalog never exist at once (same value and gradients);
 - sampled_softmax_loss: the target against num_negatives shared uniform negatives, or against
   the batch's other targets with logQ correction (HSTU, gSASRec), for catalogs where the full
   softmax is too slow.
-speed.py decides how a step runs (compiled, bf16, as a CUDA graph); model_train.py loops.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+import speed
 from config import TrainerConfig
+from data import ChunkBatch
+from distributed import weigh_by_targets
+from speed import Step
 
-LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden, weight, targets) -> mean
 
 
@@ -36,9 +40,13 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def batch_loss(model: torch.nn.Module, batch, loss: Loss) -> tuple[torch.Tensor, torch.Tensor | int]:
-    """(mean loss, number of targets) of a data.Batch or a data.ChunkBatch."""
-    hidden, targets = batch.hidden_and_targets(model)
-    return loss(hidden, model.output_weight, targets), batch.num_targets()
+    """(mean loss, number of targets) of a data.Batch (one target a window) or a data.ChunkBatch
+    (a target at every trained position)."""
+    if isinstance(batch, ChunkBatch):
+        hidden = model.sequence_hidden(batch.movie_tokens, batch.user_tokens, batch.padding_mask, batch.loss_mask)
+        return loss(hidden, model.output_weight, batch.targets[batch.loss_mask]), batch.loss_mask.sum()
+    hidden = model.hidden(batch.movie_tokens, batch.user_tokens, batch.padding_mask)
+    return loss(hidden, model.output_weight, batch.next_movie), len(batch.next_movie)
 
 
 class ModelLoss(torch.nn.Module):
@@ -99,8 +107,6 @@ def make_optimizer(model: torch.nn.Module, tc: TrainerConfig, device: torch.devi
                    capturable: bool = False) -> torch.optim.Optimizer:
     """Adam or AdamW, fused into one kernel per step on CUDA and CPU. capturable: for a CUDA
     graph, with the learning rate a tensor on the device so that the schedule can change it."""
-    if tc.optimizer not in ("adam", "adamw"):
-        raise ValueError(f"trainer_config.optimizer must be adam or adamw, got {tc.optimizer!r}")
     kind = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     lr = torch.tensor(tc.learning_rate, device=device) if capturable else tc.learning_rate
     return kind(model.parameters(), lr=lr, weight_decay=tc.weight_decay, fused=device.type in ("cuda", "cpu"),
@@ -121,8 +127,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 def make_schedule(optimizer: torch.optim.Optimizer, tc: TrainerConfig,
                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then constant or cosine decay over num_epochs."""
-    if tc.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"trainer_config.lr_schedule must be constant or cosine, got {tc.lr_schedule!r}")
     total = max(tc.num_epochs * steps_per_epoch - tc.warmup_steps, 1)
 
     def factor(step: int) -> float:
@@ -139,20 +143,53 @@ def make_schedule(optimizer: torch.optim.Optimizer, tc: TrainerConfig,
     return schedule
 
 
-def backward_and_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: Optional[float]) -> None:
-    """Gradients, clipped to grad_clip's global norm where set, then the optimizer step."""
+def train_step(loss_fn: Step, optimizer: torch.optim.Optimizer, batch,
+               grad_clip: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """One optimisation step, eager: loss, gradients (clipped to grad_clip's global norm where
+    set), the optimizer's update. Returns (loss, targets) without a host sync."""
+    loss, count = loss_fn(batch)
+    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
     optimizer.step()
-
-
-def train_step(loss_fn: LossFn, optimizer: torch.optim.Optimizer, batch, grad_clip: Optional[float] = None,
-               schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None) -> tuple[torch.Tensor, torch.Tensor | int]:
-    """One optimisation step; returns (loss, targets) without a host sync."""
-    loss, count = loss_fn(batch)
-    optimizer.zero_grad(set_to_none=True)
-    backward_and_update(loss, optimizer, grad_clip)
-    if schedule:
-        schedule.step()
     return loss.detach(), count
+
+
+def make_training_step(model: torch.nn.Module, loss: Loss, optimizer: torch.optim.Optimizer,
+                       schedule: torch.optim.lr_scheduler.LRScheduler, tc: TrainerConfig, settings: speed.Speed,
+                       device: torch.device, distributed: bool = False) -> Step:
+    """The training step as the speed settings say, then one step of the schedule.
+
+    Read from the inside out: the loss of the model on a batch; under torchrun through
+    DistributedDataParallel (which averages the gradients), each process's gradient weighed by
+    its share of the step's targets; in bf16 autocast; compiled for full batches; the eager
+    train_step around it; on CUDA the whole step captured once and replayed as a CUDA graph."""
+    loss_fn: Step = ModelLoss(model, loss)
+    if distributed:
+        loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = speed.in_bf16(loss_fn, device, settings.bf16)
+    if settings.compile:
+        loss_fn = speed.compiled_for_full_batches(loss_fn, tc.batch_size, device)
+    if distributed:
+        loss_fn = weighed_by_targets(loss_fn)
+
+    def step(batch) -> tuple[torch.Tensor, torch.Tensor | int]:
+        return train_step(loss_fn, optimizer, batch, tc.grad_clip)
+    if settings.cuda_graph:
+        step = speed.replayed_as_cuda_graph(step, loss_fn, optimizer, tc.batch_size)
+
+    def scheduled(batch) -> tuple[torch.Tensor, torch.Tensor | int]:
+        out = step(batch)
+        schedule.step()
+        return out
+    return scheduled
+
+
+def weighed_by_targets(loss_fn: Step) -> Step:
+    """loss_fn with its gradient weighed by this process's share of the step's targets
+    (distributed.weigh_by_targets)."""
+    def weighed(batch):
+        loss, count = loss_fn(batch)
+        return weigh_by_targets(loss, count), count
+    return weighed

@@ -13,6 +13,8 @@ the claims: absolute times vary with the machine's load.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import statistics
 import subprocess
@@ -30,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import Config, build_model, load_config, make_datasets, pick_device  # noqa: E402
 from errors import run_script  # noqa: E402
 from measure import peak_rss_of_this_process  # noqa: E402
-from data import FILES, MovieLensSequenceDataset, detect_format, load_movielens, read_ratings, tokenize  # noqa: E402
+from data import MovieLensSequenceDataset, load_movielens, tokenize  # noqa: E402
 from ranking import Scorer, model_scorer, rank_all, ranker  # noqa: E402
-from speed import Step, make_training_step, speed_settings  # noqa: E402
-from training import make_loss, make_optimizer, make_schedule  # noqa: E402
+from releases import FORMATS, RATING_COLUMNS, detect_format, read_ratings, read_text  # noqa: E402
+from speed import Step, speed_settings  # noqa: E402
+from training import make_loss, make_optimizer, make_schedule, make_training_step  # noqa: E402
 
 BATCH = 512
 
@@ -66,16 +69,30 @@ def load_fast(config: Config, data_dir: Path, cache: bool) -> dict[str, MovieLen
     return make_datasets(config, load_movielens(data_dir, cache=cache))
 
 
+def read_post_style(data_dir: Path) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(name, users, movies, ratings) read as the post did, with pandas' python engine, for any
+    layout of releases.FORMATS."""
+    name = detect_format(data_dir)
+    fmt = FORMATS[name]
+
+    def read(file: str, sep: str, header: Optional[str], names: list[str], encoding: Optional[str]) -> pd.DataFrame:
+        text = read_text(data_dir / file, encoding)
+        frame = pd.read_csv(io.StringIO(text), sep=sep, engine="python", header=0 if header else None,
+                            quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE)  # quotes are CSV's alone
+        return frame.iloc[:, :len(names)].set_axis(names, axis=1)
+    ratings = read(fmt.ratings, fmt.ratings_separator, fmt.ratings_header, RATING_COLUMNS, None)
+    movies = read(fmt.movies, fmt.separator, fmt.movies_header, ["movie_id", "title"], fmt.movies_encoding)
+    movies["genres"] = ""  # the post's model never reads them
+    users = (read(fmt.users, fmt.separator, None, ["user_id"], "ISO-8859-1") if fmt.users
+             else pd.DataFrame({"user_id": ratings.user_id.unique()}))
+    return name, users, movies, ratings
+
+
 def load_post_style(data_dir: Path, context_window_size: int = 5) -> tuple[torch.Tensor, ...]:
-    """The post's read-and-build: python-engine reads, per-user lists, iterrows + unfold."""
-    if detect_format(data_dir) != "ml-1m":
-        raise SystemExit("the post-style loader reads ML-1M's '::' files only")
-    read = lambda f, names: pd.read_csv(data_dir / f, sep="::", engine="python", header=None,
-                                        names=names, encoding="ISO-8859-1")
-    users = read("users.dat", ["user_id", "sex", "age", "occupation", "zip"])
-    movies = read("movies.dat", ["movie_id", "title", "genres"])
-    ratings = read("ratings.dat", ["user_id", "movie_id", "rating", "timestamp"])
-    meta = tokenize("ml-1m", users, movies, ratings.iloc[:0]).metadata
+    """The post's read-and-build: python-engine reads, per-user lists, iterrows + unfold; inputs,
+    targets and users of a random 90% of the windows."""
+    name, users, movies, ratings = read_post_style(data_dir)
+    meta = tokenize(name, users, movies, ratings.iloc[:0]).metadata
     user_token = {u: i for i, u in enumerate(meta.user_ids)}
     movie_token = {m: i for i, m in enumerate(meta.movie_ids)}
     ratings["u"] = ratings.user_id.map(user_token)
@@ -125,8 +142,8 @@ def train_post_style(model, optimizer, dataset, steps: int, device: torch.device
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        movie_ids, _, users, next_movie, _ = next(loader)
-        logits = model(movie_ids.to(device), users.to(device))
+        movie_tokens, _, users, next_movie, _ = next(loader)
+        logits = model(movie_tokens.to(device), users.to(device))
         loss = F.cross_entropy(logits, next_movie.to(device))
         optimizer.zero_grad()
         loss.backward()
@@ -153,7 +170,7 @@ def drop_seen_per_row(scores: torch.Tensor, batch, dataset, k: int) -> list[torc
     top = scores.topk(k + int(batch.history_length.max()) + 2, dim=1).indices.cpu()
     kept = []
     for row in range(len(top)):
-        seen = dataset.data.history(int(batch.user_ids[row]))[0][:int(batch.history_length[row])]
+        seen = dataset.data.history(int(batch.user_tokens[row]))[0][:int(batch.history_length[row])]
         merged, counts = torch.cat((top[row], seen)).unique(return_counts=True)
         kept.append(top[row][torch.isin(top[row], merged[counts > 1], invert=True)][:k])
     return kept
@@ -234,10 +251,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.manual_seed(0)
 
     ours, ref = {}, {}
-    ratings = args.data_dir / FILES[detect_format(args.data_dir)][2]
-    sep = "::" if ratings.suffix == ".dat" else "\t"
-    ours["read_ratings_s"] = median_time(lambda: read_ratings(ratings, sep), args.repeats)
-    ref["read_ratings_s"] = median_time(lambda: pd.read_csv(ratings, sep=sep, engine="python", header=None),
+    fmt = FORMATS[detect_format(args.data_dir)]
+    ratings = args.data_dir / fmt.ratings
+    ours["read_ratings_s"] = median_time(lambda: read_ratings(ratings, fmt), args.repeats)
+    ref["read_ratings_s"] = median_time(lambda: pd.read_csv(ratings, sep=fmt.ratings_separator, engine="python",
+                                                            header=0 if fmt.ratings_header else None),
                                         max(1, args.repeats - 1), warmup=0)
     ours["load_s"] = median_time(lambda: load_fast(config, args.data_dir, cache=False), args.repeats)
     ours["load_cached_s"] = median_time(lambda: load_fast(config, args.data_dir, cache=True), args.repeats)
@@ -247,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     datasets = load_fast(config, args.data_dir, cache=True)
     train_set = datasets["train"].to(device)
     cpu_train = load_fast(config, args.data_dir, True)["train"]
-    post_train = torch.utils.data.TensorDataset(cpu_train.movie_ids, cpu_train.ratings, cpu_train.user_ids,
+    post_train = torch.utils.data.TensorDataset(cpu_train.movie_tokens, cpu_train.ratings, cpu_train.user_tokens,
                                                 cpu_train.next_movie, cpu_train.next_rating)  # the post's lists
     torch.manual_seed(0)
     model = build_model(config, train_set.metadata).to(device)

@@ -25,7 +25,8 @@ from config import load_config, make_datasets  # noqa: E402
 from data import load_movielens  # noqa: E402
 from errors import run_script  # noqa: E402
 from measure import peak_rss_of_this_process  # noqa: E402
-from synthetic import FORMATS, write_movielens  # noqa: E402
+from releases import FORMATS  # noqa: E402
+from synthetic import write_movielens  # noqa: E402
 
 
 def measure_load(folder: Path, cache: bool, overrides: list[str]) -> dict:
@@ -47,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--folder", type=Path, default=Path("data/synthetic-ml-32m"))
-    parser.add_argument("--format", choices=FORMATS, default="csv")
+    parser.add_argument("--format", choices=list(FORMATS), default="csv")
     parser.add_argument("--ratings", type=int, default=32_000_204)
     parser.add_argument("--users", type=int, default=200_948)
     parser.add_argument("--movies", type=int, default=87_585)

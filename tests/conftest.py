@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# the small model of the end-to-end runs that compile: one compiled graph, built once per session
+SMALL_MODEL = ["model_config.transformer_config.embedding_dimension=16", "model_config.transformer_config.num_layers=1",
+               "trainer_config.batch_size=256"]
 
 
 def synthetic_ratings(num_users: int = 300, num_movies: int = 200, seed: int = 0,

@@ -10,11 +10,9 @@ import model_train
 from checkpoint import load_checkpoint, model_from_checkpoint, save_atomic
 from config import DEFAULT_CONFIG, load_config, pick_device
 from errors import ConfigError
-from conftest import ROOT
+from conftest import ROOT, SMALL_MODEL
 
-FAST = ["model_config.transformer_config.embedding_dimension=16",
-        "model_config.transformer_config.num_layers=1", "trainer_config.batch_size=256",
-        "trainer_config.log_every=5"]
+FAST = [*SMALL_MODEL, "trainer_config.log_every=5"]
 
 
 def sets(*pairs: str) -> list[str]:

@@ -1,26 +1,12 @@
-import hashlib
-import io
-import urllib.error
-import zipfile
-from pathlib import Path
-
+"""Tokens, time order, the cache, splits and the window and chunk data sets."""
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import data
-from conftest import SHARED_DATA, synthetic_ratings, write_ml1m
-
-
-def test_ml1m_round_trip(ml1m_dir):
-    name, users, movies, ratings = data.read_movielens(ml1m_dir)
-    rows = synthetic_ratings()
-    assert name == "ml-1m"
-    assert ratings.to_numpy().tolist() == [list(r) for r in rows]
-    assert len(users) == 300 and len(movies) == 200
-    assert movies.title[0] == "Movie 0: Caf\u00e9 (1950)"  # ISO-8859-1 decoded
-    assert movies.genres[0] == "Action|Comedy"
+import releases
+from conftest import SHARED_DATA, write_ml1m
 
 
 def test_ml100k_format(tmp_path):
@@ -37,7 +23,7 @@ def test_ml100k_format(tmp_path):
     meta = movielens.metadata
     assert meta.name == "ml-100k" and meta.movie_ids == [5, 9] and meta.vocab_size == 4
     assert meta.genres == ["Action|Comedy", "unknown"]
-    assert movielens.sequence.tolist() == [2, 0, 1, 3, 2, 0, 3]  # user 1: 5 then 9 by time
+    assert movielens.flat_tokens.tolist() == [2, 0, 1, 3, 2, 0, 3]  # user 1: 5 then 9 by time
 
 
 def test_tokens_and_order(tmp_path):
@@ -47,118 +33,34 @@ def test_tokens_and_order(tmp_path):
     meta = movielens.metadata
     assert meta.movie_ids == [7, 10, 13] and (meta.sos, meta.eos, meta.vocab_size) == (3, 4, 5)
     assert meta.user_ids == [1, 2]
-    assert movielens.sequence.tolist() == [3, 0, 1, 4, 3, 1, 2, 0, 4]
-    assert movielens.sequence_ratings.tolist() == [0, 2, 3, 3, 0, 1, 4, 5, 3]
+    assert movielens.flat_tokens.tolist() == [3, 0, 1, 4, 3, 1, 2, 0, 4]
+    assert movielens.flat_ratings.tolist() == [0, 2, 3, 3, 0, 1, 4, 5, 3]
     assert data.DatasetMetadata.from_dict(meta.to_dict()) == meta
 
 
 def test_ml1m_vocabulary_is_movies_plus_two():
     if not (SHARED_DATA / "ml-1m" / "movies.dat").exists():
         pytest.skip("no ../shared/data/ml-1m")
-    _, users, movies, _ = data.read_movielens(SHARED_DATA / "ml-1m")
+    _, users, movies, _ = releases.read_movielens(SHARED_DATA / "ml-1m")
     meta = data.tokenize("ml-1m", users, movies, pd.DataFrame(
         {"user_id": [], "movie_id": [], "rating": [], "timestamp": []}, dtype=np.int64)).metadata
     assert meta.vocab_size == 3885 and meta.num_users == 6040
-
-
-BAD_RATINGS = [
-    ("1::7::3\n", "expected 4 fields"),
-    ("1::7::3::10::5\n", "expected 4 fields"),
-    ("x::7::3::10\n", "not an integer"),
-    ("1::7::3::10.5\n", "not an integer"),
-    ("1::7::6::10\n", "is not a star rating"),
-    ("1::7::0::10\n", "is not a star rating"),
-    ("99::7::3::10\n", "user_id 99 is not in"),
-    ("1::8::3::10\n", "movie_id 8 is not in"),
-]
-
-
-@pytest.mark.parametrize("line,message", BAD_RATINGS)
-def test_bad_ratings_name_file_and_line(tmp_path, line, message):
-    folder = write_ml1m(tmp_path / "ml-1m", num_users=3, num_movies=3)
-    (folder / "ratings.dat").write_text("1::7::3::10\n2::10::4::11\n" + line + "3::13::5::12\n")
-    with pytest.raises(data.MovieLensFormatError, match=message) as error:
-        data.read_movielens(folder)
-    assert f"{folder / 'ratings.dat'}, line 3" in str(error.value)
-
-
-def test_bad_movies_file_names_line(tmp_path):
-    folder = write_ml1m(tmp_path / "ml-1m", num_users=3, num_movies=3)
-    (folder / "movies.dat").write_text("7::A (1990)::Drama\nten::B (1991)::Drama\n")
-    with pytest.raises(data.MovieLensFormatError, match=r"movies.dat, line 2: field 1 'ten'"):
-        data.read_movielens(folder)
 
 
 def test_cache_is_used_while_valid_and_rebuilt_when_stale(tmp_path, monkeypatch):
     folder = write_ml1m(tmp_path / "ml-1m", num_users=20, num_movies=30)
     first = data.load_movielens(folder)
     assert (folder / data.CACHE_NAME).is_file()
-    read = data.read_movielens
+    read = releases.read_movielens
     monkeypatch.setattr(data, "read_movielens", lambda d: pytest.fail("cache not used"))
     cached = data.load_movielens(folder)
-    assert cached.metadata == first.metadata and torch.equal(cached.sequence, first.sequence)
+    assert cached.metadata == first.metadata and torch.equal(cached.flat_tokens, first.flat_tokens)
     with open(folder / "ratings.dat", "a") as f:
         f.write("1::7::5::2000000000\n")
     monkeypatch.setattr(data, "read_movielens", read)
     assert data.load_movielens(folder).num_ratings == first.num_ratings + 1
     (folder / data.CACHE_NAME).write_bytes(b"garbage")
     assert data.load_movielens(folder).num_ratings == first.num_ratings + 1
-
-
-def test_unknown_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(data.DataError, match="holds no MovieLens files"):
-        data.load_movielens(tmp_path)
-
-
-def _zip_bytes(members: dict[str, str]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, text in members.items():
-            zf.writestr(name, text)
-    return buffer.getvalue()
-
-
-def _serve(monkeypatch, payload: bytes):
-    monkeypatch.setattr(data, "_fetch", lambda url, dest: Path(dest).write_bytes(payload))
-    monkeypatch.setitem(data.RELEASES, "ml-1m", data.RELEASES["ml-1m"]._replace(
-        url="https://example.invalid/ml-1m.zip", md5=hashlib.md5(payload).hexdigest()))
-
-
-def test_download_checks_extracts_and_skips(tmp_path, monkeypatch):
-    source = write_ml1m(tmp_path / "src", num_users=3, num_movies=3)
-    payload = _zip_bytes({f"ml-1m/{f}": (source / f).read_text(encoding="ISO-8859-1")
-                          for f in data.FILES["ml-1m"]})
-    _serve(monkeypatch, payload)
-    target = data.ensure_movielens(tmp_path / "root" / "ml-1m")
-    assert data.detect_format(target) == "ml-1m"
-    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["ml-1m"]  # no temporaries left
-    monkeypatch.setattr(data, "_fetch", lambda url, dest: pytest.fail("downloaded twice"))
-    assert data.download_movielens("ml-1m", tmp_path / "root") == target
-
-
-def test_download_refuses_bad_checksum(tmp_path, monkeypatch):
-    _serve(monkeypatch, b"payload")
-    monkeypatch.setitem(data.RELEASES, "ml-1m", data.RELEASES["ml-1m"]._replace(md5="0" * 32))
-    with pytest.raises(data.DataError, match="checksum"):
-        data.download_movielens("ml-1m", tmp_path)
-    assert not (tmp_path / "ml-1m").exists()
-
-
-def test_download_refuses_escaping_members(tmp_path, monkeypatch):
-    _serve(monkeypatch, _zip_bytes({"ml-1m/users.dat": "", "../evil.txt": "x"}))
-    with pytest.raises(data.DataError, match="escapes"):
-        data.download_movielens("ml-1m", tmp_path / "root")
-    assert not (tmp_path / "evil.txt").exists()
-
-
-def test_download_without_network_names_url_and_folder(tmp_path, monkeypatch):
-    def offline(url, timeout):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    with pytest.raises(data.DataError) as error:
-        data.download_movielens("ml-1m", tmp_path)
-    assert data.RELEASES["ml-1m"].url in str(error.value)
-    assert str(tmp_path / "ml-1m") in str(error.value)
 
 
 def _post_windows(sequence: list[int], length: int):
@@ -175,12 +77,12 @@ def test_windows_match_the_posts_unfold(tmp_path):
     train = data.MovieLensSequenceDataset(movielens, "train", context_window_size=5)
     assert train[0][0].tolist() == [sos, 0, 1, 2, 3] and int(train[0][3]) == 4
     inputs, targets = _post_windows([sos] + movies[:-2], 5)  # leave-one-out keeps the last two
-    assert train.movie_ids.tolist() == inputs and train.next_movie.tolist() == targets
+    assert train.movie_tokens.tolist() == inputs and train.next_movie.tolist() == targets
     assert train.ratings[0].tolist() == [0, 1, 2, 3, 4]
 
     parts = [data.MovieLensSequenceDataset(movielens, s, 5, split="random_windows", seed=3)
              for s in ("train", "validation")]
-    got = sorted(zip(torch.cat([p.movie_ids for p in parts]).tolist(),
+    got = sorted(zip(torch.cat([p.movie_tokens for p in parts]).tolist(),
                      torch.cat([p.next_movie for p in parts]).tolist()))
     inputs, targets = _post_windows([sos] + movies + [eos], 5)
     train_eos = [t for t in parts[0].next_movie.tolist() if t == eos]
@@ -193,7 +95,7 @@ def test_window_stride_spaces_targets(tmp_path):
     movielens = data.load_movielens(write_ml1m(tmp_path / "ml-1m", rows, num_users=1, num_movies=12))
     train = data.MovieLensSequenceDataset(movielens, "train", context_window_size=3, window_stride=2)
     assert train.next_movie.tolist() == [2, 4, 6, 8]
-    assert train.movie_ids[1].tolist() == [1, 2, 3]
+    assert train.movie_tokens[1].tolist() == [1, 2, 3]
 
 
 def test_leave_one_out_has_no_leakage(ml1m_dir):
@@ -202,13 +104,13 @@ def test_leave_one_out_has_no_leakage(ml1m_dir):
     val, test, train = sets["validation"], sets["test"], sets["train"]
     assert len(val) == len(test) == 300
     for u in range(300):
-        rows = train.user_ids == u
+        rows = train.user_tokens == u
         held = {int(val.next_movie[u]), int(test.next_movie[u])}
-        assert not held & set(train.movie_ids[rows].flatten().tolist())
+        assert not held & set(train.movie_tokens[rows].flatten().tolist())
         assert not held & set(train.next_movie[rows].tolist())
     # validation inputs end right before the validation item; test inputs include it
-    assert torch.equal(test.movie_ids[:, -1], val.next_movie)
-    assert torch.equal(test.movie_ids[:, :-1], val.movie_ids[:, 1:])
+    assert torch.equal(test.movie_tokens[:, -1], val.next_movie)
+    assert torch.equal(test.movie_tokens[:, :-1], val.movie_tokens[:, 1:])
     assert torch.equal(test.history_length, val.history_length + 1)
 
 
@@ -217,7 +119,7 @@ def test_short_histories_are_padded_with_sos(tmp_path):
     movielens = data.load_movielens(write_ml1m(tmp_path / "ml-1m", rows, num_users=1, num_movies=3))
     sos = movielens.metadata.sos
     val = data.MovieLensSequenceDataset(movielens, "validation", 5)
-    assert val.movie_ids.tolist() == [[sos, sos, sos, sos, 0]] and val.next_movie.tolist() == [1]
+    assert val.movie_tokens.tolist() == [[sos, sos, sos, sos, 0]] and val.next_movie.tolist() == [1]
     assert len(data.MovieLensSequenceDataset(movielens, "train", 5)) == 0
 
 
@@ -228,12 +130,12 @@ def test_seen_mask_equals_brute_force(ml1m_dir):
     mask = ds.seen_mask(batch)
     meta = movielens.metadata
     for i in range(0, len(ds), 37):
-        u, h = int(batch.user_ids[i]), int(batch.history_length[i])
+        u, h = int(batch.user_tokens[i]), int(batch.history_length[i])
         start = int(movielens.offsets[u]) + 1
-        seen = set(movielens.sequence[start:start + h].tolist()) | {meta.sos, meta.eos}
+        seen = set(movielens.flat_tokens[start:start + h].tolist()) | {meta.sos, meta.eos}
         assert set(mask[i].nonzero().flatten().tolist()) == seen
     window = ds.seen_mask(batch, "window")
-    assert set(window[0].nonzero().flatten().tolist()) == set(batch.movie_ids[0].tolist()) | {meta.sos, meta.eos}
+    assert set(window[0].nonzero().flatten().tolist()) == set(batch.movie_tokens[0].tolist()) | {meta.sos, meta.eos}
 
 
 def test_dataloader_items_and_fast_batches_agree(ml1m_dir):
@@ -241,8 +143,8 @@ def test_dataloader_items_and_fast_batches_agree(ml1m_dir):
     loader = torch.utils.data.DataLoader(ds, batch_size=64)
     movie_ids, ratings, users, next_movie, next_rating = next(iter(loader))
     fast = next(ds.batches(64))
-    assert torch.equal(movie_ids, fast.movie_ids) and torch.equal(next_movie, fast.next_movie)
-    assert torch.equal(users, fast.user_ids) and torch.equal(next_rating, fast.next_rating)
+    assert torch.equal(movie_ids, fast.movie_tokens) and torch.equal(next_movie, fast.next_movie)
+    assert torch.equal(users, fast.user_tokens) and torch.equal(next_rating, fast.next_rating)
     g = torch.Generator().manual_seed(0)
-    seen = torch.cat([b.user_ids for b in ds.batches(100, shuffle=True, generator=g)])
-    assert sorted(seen.tolist()) == sorted(ds.user_ids.tolist())
+    seen = torch.cat([b.user_tokens for b in ds.batches(100, shuffle=True, generator=g)])
+    assert sorted(seen.tolist()) == sorted(ds.user_tokens.tolist())

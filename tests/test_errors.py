@@ -11,6 +11,7 @@ import torch
 from loguru import logger
 
 import data
+import releases
 import eval as evaluation
 import experiments
 import model_train
@@ -75,8 +76,8 @@ def test_any_64_bit_timestamps_keep_each_users_order():
 def test_millisecond_timestamps_are_an_error_naming_the_line(tmp_path):
     folder = write_ml1m(tmp_path / "ml-1m", num_users=3, num_movies=3)
     (folder / "ratings.dat").write_text("1::7::3::978300000\n2::10::4::978300001000\n")
-    with pytest.raises(data.MovieLensFormatError, match=r"ratings.dat, line 2: timestamp 978300001000 .* seconds"):
-        data.read_movielens(folder)
+    with pytest.raises(releases.MovieLensFormatError, match=r"ratings.dat, line 2: timestamp 978300001000 .* seconds"):
+        releases.read_movielens(folder)
 
 
 def test_duplicate_ratings_are_dropped_and_reported(tmp_path):
@@ -85,7 +86,7 @@ def test_duplicate_ratings_are_dropped_and_reported(tmp_path):
     messages = []
     sink = logger.add(messages.append, level="WARNING")
     try:
-        _, _, _, ratings = data.read_movielens(folder)
+        _, _, _, ratings = releases.read_movielens(folder)
     finally:
         logger.remove(sink)
     assert ratings.timestamp.tolist() == [10, 11, 12]  # a later re-rating is a rating of its own
@@ -95,8 +96,8 @@ def test_duplicate_ratings_are_dropped_and_reported(tmp_path):
 def test_an_empty_ratings_file_has_its_own_message(tmp_path):
     folder = write_ml1m(tmp_path / "ml-1m", num_users=3, num_movies=3)
     (folder / "ratings.dat").write_text("")
-    with pytest.raises(data.DataError, match="ratings.dat holds no ratings"):
-        data.read_movielens(folder)
+    with pytest.raises(releases.DataError, match="ratings.dat holds no ratings"):
+        releases.read_movielens(folder)
 
 
 # ----------------------------------------------------------------------------- config
@@ -112,6 +113,8 @@ def test_an_empty_ratings_file_has_its_own_message(tmp_path):
     ("model_config.transformer_config.num_heads=5", "num_heads is 5 (from --set); it must be a divisor"),
     ("model_config.transformer_config.attention_dropout=1.0", "attention_dropout is 1.0"),
     ("trainer_config.optimizer=sgd", "trainer_config.optimizer is 'sgd'"),
+    ("trainer_config.lr_schedule=linear", "trainer_config.lr_schedule is 'linear'"),
+    ("model_config.tie_output_embeddings=true", "a list ending in embedding_dimension (32) when tie_output_embeddings"),
     ("trainer_config.batch_size=many", "trainer_config.batch_size is 'many' (from --set), which is not of type int"),
     ("trainer_config.learning_rat=0.1", "unknown config key trainer_config.learning_rat (from --set); did you mean "
                                         "trainer_config.learning_rate?"),

@@ -6,6 +6,7 @@ import torch
 from sklearn.metrics import ndcg_score
 
 import data
+import releases
 import ranking as evaluation
 from config import build_model, load_config
 
@@ -48,7 +49,7 @@ def test_popularity_baselines_are_in_tokens(ml1m_dir):
     train = data.MovieLensSequenceDataset(movielens, "train", 5)
     baselines = evaluation.popularity_baselines(train)
     meta = movielens.metadata
-    _, _, _, ratings = data.read_movielens(ml1m_dir)
+    _, _, _, ratings = releases.read_movielens(ml1m_dir)
     ratings = ratings.assign(order=np.arange(len(ratings))).sort_values(["user_id", "timestamp", "order"])
     history = ratings.groupby("user_id").head(-2)  # all but each user's validation and test ratings
     counts = history.movie_id.value_counts()
@@ -68,12 +69,12 @@ def test_batched_evaluation_equals_row_by_row(ml1m_dir):
     test = data.MovieLensSequenceDataset(movielens, "test", 5)
     torch.manual_seed(0)
     table = torch.randn(movielens.metadata.num_users, movielens.metadata.vocab_size)
-    scorer = lambda batch: table[batch.user_ids]
+    scorer = lambda batch: table[batch.user_tokens]
     ranks, top = evaluation.rank_all(scorer, test, batch_size=64, top=5)
     for i in range(0, len(test), 29):  # the slow way, one user at a time
-        u, h = int(test.user_ids[i]), int(test.history_length[i])
+        u, h = int(test.user_tokens[i]), int(test.history_length[i])
         start = int(movielens.offsets[u]) + 1
-        seen = set(movielens.sequence[start:start + h].tolist()) | {movielens.metadata.sos, movielens.metadata.eos}
+        seen = set(movielens.flat_tokens[start:start + h].tolist()) | {movielens.metadata.sos, movielens.metadata.eos}
         order = [t for t in torch.argsort(table[u], descending=True, stable=True).tolist() if t not in seen]
         assert ranks[i] == order.index(int(test.next_movie[i]))
         assert top[i].tolist() == order[:5]

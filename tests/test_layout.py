@@ -4,7 +4,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-SCRIPTS = {"model_train", "eval", "recommend", "experiments", "bench", "scale"}  # the files with a command line
+SCRIPTS = {"model_train", "eval", "recommend", "experiments", "bench", "scale", "sequence_epoch"}  # the files with a command line
 
 
 def local_imports(path: Path, local: set[str]) -> set[str]:

@@ -1,7 +1,7 @@
 """A short real-data run on MovieLens-100K, when ../shared/data/ml-100k is present."""
 import pytest
 
-import data
+import releases
 import model_train
 from config import load_config
 from conftest import SHARED_DATA, validation_ndcg_against_most_rated
@@ -15,15 +15,16 @@ def test_model_beats_most_rated_on_ml100k(tmp_path, monkeypatch):
     config = load_config(overrides=[f"trainer_config.data_dir={ML100K}",
                                                 "trainer_config.cache=false",
                                                 "trainer_config.num_epochs=3",
+                                                "trainer_config.compile=false",  # test_cli trains compiled
                                                 "trainer_config.run_name=ml100k"])
     ours, baseline = validation_ndcg_against_most_rated(model_train.train(config) / "best.pt")
     assert ours > 1.3 * baseline, (ours, baseline)
 
 
-@pytest.mark.parametrize("name", list(data.RELEASES))
+@pytest.mark.parametrize("name", list(releases.RELEASES))
 def test_a_full_read_has_the_published_size(name):
     folder = SHARED_DATA / name
     if not folder.is_dir():
         pytest.skip(f"no ../shared/data/{name}")
-    release_name, users, movies, ratings = data.read_movielens(folder)
-    assert (len(ratings), len(users), len(movies)) == data.RELEASES[name].sizes
+    release_name, users, movies, ratings = releases.read_movielens(folder)
+    assert (len(ratings), len(users), len(movies)) == releases.RELEASES[name].sizes

@@ -8,7 +8,7 @@ import model_train
 import recommend
 from checkpoint import load_checkpoint, model_from_checkpoint
 from config import load_config, make_datasets
-from conftest import ROOT
+from conftest import ROOT, SMALL_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def checkpoint(ml1m_dir, tmp_path_factory):
     config = load_config(overrides=[
         f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
         f"trainer_config.model_dir={folder / 'models'}", f"trainer_config.tensorboard_dir={folder / 'runs'}",
-        "trainer_config.run_name=rec", "model_config.transformer_config.num_layers=1"])
+        "trainer_config.run_name=rec", *SMALL_MODEL])
     run = model_train.train(config)
     assert (run / "curves.png").stat().st_size > 1000  # the training curves, read back with tbparse
     return run / "best.pt"
@@ -60,3 +60,12 @@ def test_eval_reports_intervals_and_a_paired_difference(checkpoint, tmp_path, ca
     evaluation.main(["--checkpoint", str(checkpoint), "--k", "10", "--against", str(checkpoint), "--resamples", "50"])
     assert json.loads((checkpoint.parent / "eval_test_history.json").read_text())[
         "paired_difference"]["ndcg@10"]["difference"] == 0
+
+
+def test_eval_subset_picks_the_targets_and_the_old_spelling_still_works(checkpoint, capsys):
+    import json
+    new = evaluation.main(["--checkpoint", str(checkpoint), "--subset", "validation", "--k", "10", "--resamples", "20"])
+    assert "(validation, 300 targets)" in capsys.readouterr().out
+    old = evaluation.main(["--checkpoint", str(checkpoint), "--split", "validation", "--k", "10", "--resamples", "20"])
+    assert "note: --split is now called --subset" in capsys.readouterr().err and old == new
+    assert json.loads((checkpoint.parent / "eval_validation_history.json").read_text())["subset"] == "validation"

@@ -8,8 +8,8 @@ import speed
 from config import TrainerConfig, build_model, load_config
 from data import MovieLensSequenceDataset, load_movielens
 from kernels import dropout
-from training import (backward_and_update, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
-                      seed_epoch, train_step)
+from training import (ModelLoss, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
+                      make_training_step, seed_epoch, train_step)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -27,9 +27,8 @@ def test_compiled_loss_equals_eager_loss(ml1m_dir):
     batch = next(MovieLensSequenceDataset(data, "train").batches(64))
     config = small_config("trainer_config.batch_size=64")
     model = build_model(config, data.metadata)
-    loss = full_softmax_loss
-    eager, compiled = (speed.make_loss_fn(model, loss, config.trainer_config, speed.Speed(c, False, False), CPU)
-                       for c in (False, True))
+    eager = ModelLoss(model, full_softmax_loss)
+    compiled = speed.compiled_for_full_batches(eager, 64, CPU)
     (a, n), (b, m) = eager(batch), compiled(batch)
     assert n == m == 64
     assert torch.allclose(a, b, atol=1e-5)
@@ -39,8 +38,8 @@ def test_compiled_loss_equals_eager_loss(ml1m_dir):
 
 def steps(model, optimizer, schedule, n: int) -> None:
     for i in range(n):
-        train_step(lambda x: ((model(x) ** 2).mean(), 1), optimizer, torch.full((2, 3), float(i + 1)),
-                   schedule=schedule)
+        train_step(lambda x: ((model(x) ** 2).mean(), 1), optimizer, torch.full((2, 3), float(i + 1)))
+        schedule.step()
 
 
 def test_capturable_optimizer_follows_the_schedule_and_resumes():
@@ -84,7 +83,7 @@ def test_cuda_graph_step_equals_the_eager_step(ml1m_dir):
         settings = speed.Speed(compile=False, bf16=False, cuda_graph=graphed)
         optimizer = make_optimizer(model, tc, CUDA, capturable=graphed)
         schedule = make_schedule(optimizer, tc, steps_per_epoch=10)
-        step = speed.make_training_step(model, full_softmax_loss, optimizer, schedule, tc, settings, CUDA)
+        step = make_training_step(model, full_softmax_loss, optimizer, schedule, tc, settings, CUDA)
         for batch in list(train.batches(64))[:8]:
             step(batch)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*(m.parameters() for m in models)))
@@ -105,8 +104,7 @@ def test_speed_settings():
 def test_gradients_are_clipped_before_the_step():
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss = (model(torch.full((4, 3), 100.0)) ** 2).sum()
-    backward_and_update(loss, optimizer, grad_clip=0.5)
+    train_step(lambda x: ((model(x) ** 2).sum(), 4), optimizer, torch.full((4, 3), 100.0), grad_clip=0.5)
     assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == pytest.approx(0.5)
 
 
@@ -121,8 +119,10 @@ def test_without_a_working_compiler_the_cpu_trains_eagerly(monkeypatch, ml1m_dir
         assert not settings.compile
         data = load_movielens(ml1m_dir, cache=False)
         model = build_model(config, data.metadata)
-        loss, n = speed.make_loss_fn(model, full_softmax_loss, config.trainer_config, settings, CPU)(
-            next(MovieLensSequenceDataset(data, "train").batches(8)))
+        optimizer = make_optimizer(model, config.trainer_config, CPU)
+        step = make_training_step(model, full_softmax_loss, optimizer, make_schedule(optimizer, config.trainer_config, 1),
+                                  config.trainer_config, settings, CPU)
+        loss, n = step(next(MovieLensSequenceDataset(data, "train").batches(8)))
         assert n == 8 and loss > 0
     finally:
         speed.can_compile_for_cpu.cache_clear()
