@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ from errors import run_script  # noqa: E402
 from measure import peak_rss_of_this_process  # noqa: E402
 from data import MovieLensSequenceDataset, load_movielens, tokenize  # noqa: E402
 from ranking import Scorer, model_scorer, rank_all, ranker  # noqa: E402
-from releases import FORMATS, RATING_COLUMNS, detect_format, read_ratings, read_text  # noqa: E402
+from releases import FORMATS, RATING_COLUMNS, detect_format, read_ratings  # noqa: E402
 from speed import Step, speed_settings  # noqa: E402
 from training import make_loss, make_optimizer, make_schedule, make_training_step  # noqa: E402
 
@@ -75,15 +74,15 @@ def read_post_style(data_dir: Path) -> tuple[str, pd.DataFrame, pd.DataFrame, pd
     name = detect_format(data_dir)
     fmt = FORMATS[name]
 
-    def read(file: str, sep: str, header: Optional[str], names: list[str], encoding: Optional[str]) -> pd.DataFrame:
-        text = read_text(data_dir / file, encoding)
-        frame = pd.read_csv(io.StringIO(text), sep=sep, engine="python", header=0 if header else None,
-                            quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE)  # quotes are CSV's alone
+    def read(file: str, sep: str, header: Optional[str], names: list[str]) -> pd.DataFrame:
+        # ISO-8859-1 decodes every file (titles of the UTF-8 releases come out garbled: unused here)
+        frame = pd.read_csv(data_dir / file, sep=sep, engine="python", header=0 if header else None,
+                            encoding="ISO-8859-1", quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE)
         return frame.iloc[:, :len(names)].set_axis(names, axis=1)
-    ratings = read(fmt.ratings, fmt.ratings_separator, fmt.ratings_header, RATING_COLUMNS, None)
-    movies = read(fmt.movies, fmt.separator, fmt.movies_header, ["movie_id", "title"], fmt.movies_encoding)
+    ratings = read(fmt.ratings, fmt.ratings_separator, fmt.ratings_header, RATING_COLUMNS)
+    movies = read(fmt.movies, fmt.separator, fmt.movies_header, ["movie_id", "title"])
     movies["genres"] = ""  # the post's model never reads them
-    users = (read(fmt.users, fmt.separator, None, ["user_id"], "ISO-8859-1") if fmt.users
+    users = (read(fmt.users, fmt.separator, None, ["user_id"]) if fmt.users
              else pd.DataFrame({"user_id": ratings.user_id.unique()}))
     return name, users, movies, ratings
 
