@@ -31,7 +31,7 @@ from errors import Interrupted, UserError, run_script
 from files import atomic_write, write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
-from speed import Step, speed_settings
+from speed import Step, pad_to_buckets, speed_settings
 from training import load_optimizer_state, make_loss, make_optimizer, make_schedule, make_training_step, seed_epoch
 
 
@@ -122,6 +122,7 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
     train_set = datasets["train"].to(device)
     val_shard = datasets["validation"].to(device).shard(group.rank, group.world)
     speed = speed_settings(tc, device, train_set.fixed_batch_shapes, group.is_distributed)
+    pad_to_buckets(train_set, speed, device)
     model = build_model(config, metadata).to(device)
     optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
     schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size, group.world))

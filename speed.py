@@ -24,6 +24,7 @@ import torch
 from loguru import logger
 
 from config import TrainerConfig
+from data import SequenceChunks
 from errors import ConfigError
 
 Step = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]  # a batch -> (mean loss, its targets)
@@ -72,6 +73,17 @@ def has_cpu_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+LENGTH_BUCKETS = 8
+
+
+def pad_to_buckets(train_set, settings: Speed, device: torch.device) -> None:
+    """Where the step is compiled or runs on CUDA, the sequence mode's batches are padded to one of
+    LENGTH_BUCKETS lengths rather than to their longest chunk, so that few shapes are compiled
+    and allocated; elsewhere each batch computes no more than its longest chunk."""
+    if isinstance(train_set, SequenceChunks) and (settings.compile or device.type == "cuda"):
+        train_set.length_step = -(-train_set.context_window_size // LENGTH_BUCKETS)
 
 
 def is_full(batch, batch_size: int) -> bool:
