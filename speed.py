@@ -3,9 +3,10 @@ apply them, each a function of a step or loss (training.make_training_step appli
 
 Each switch is a trainer_config key whose null means "decide from the device":
 - compile: torch.compile of the training loss (model and cross-entropy in one graph, so the
-  softmax over all movies fuses with the loss) and of validation. On by default where batches
-  have one fixed shape (the window mode) on CUDA, and on a CPU where inductor can build kernels
-  (it needs a C++ compiler).
+  softmax over all movies fuses with the loss) and of validation. On by default on a CPU where
+  inductor can build kernels (it needs a C++ compiler), in either mode (the sequence mode's
+  batches then take one of a few lengths: pad_to_buckets), and on CUDA where batches have one
+  fixed shape (the window mode; the sequence mode compiled on CUDA is not measured yet).
 - bf16: autocast of the training loss. On by default on CUDA, and for a compiled loss on a CPU
   with bf16 arithmetic (AVX512-BF16 or AMX).
 - cuda_graph: the whole step (forward, backward, Adam) captured once and replayed, one launch a
@@ -49,7 +50,7 @@ def speed_settings(tc: TrainerConfig, device: torch.device, fixed_batch_shapes: 
     if tc.cuda_graph and not (cuda and fixed_batch_shapes and not distributed):
         raise ConfigError("trainer_config.cuda_graph needs a CUDA device, batches of one shape "
                           "(model_config.mode: window) and one process")
-    compile = fixed_batch_shapes and (cuda or cpu and can_compile_for_cpu()) if tc.compile is None else tc.compile
+    compile = (cuda and fixed_batch_shapes or cpu and can_compile_for_cpu()) if tc.compile is None else tc.compile
     bf16 = cuda or compile and cpu and has_cpu_bf16() if tc.bf16 is None else tc.bf16
     cuda_graph = cuda and fixed_batch_shapes and not distributed if tc.cuda_graph is None else tc.cuda_graph
     return Speed(compile, bf16, cuda_graph)

@@ -6,7 +6,7 @@ import torch
 
 import speed
 from config import TrainerConfig, build_model, load_config
-from data import MovieLensSequenceDataset, load_movielens
+from data import MovieLensSequenceDataset, SequenceChunks, load_movielens
 from kernels import dropout
 from training import (ModelLoss, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
                       make_training_step, seed_epoch, train_step)
@@ -34,6 +34,24 @@ def test_compiled_loss_equals_eager_loss(ml1m_dir):
     assert torch.allclose(a, b, atol=1e-5)
     b.backward()
     assert model.transformer.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_compiled_sequence_loss_equals_eager_loss_at_each_length(ml1m_dir):
+    """The sequence mode's batches of several lengths (its buckets) through one compiled loss."""
+    data = load_movielens(ml1m_dir, cache=False)
+    config = small_config("model_config.mode=sequence", "model_config.transformer_config.context_window_size=16",
+                          "model_config.interaction_mlp_hidden_sizes=[]", "trainer_config.batch_size=32")
+    chunks = SequenceChunks(data, 16)
+    chunks.length_step = 4
+    by_length = {b.movie_tokens.shape[1]: b for b in chunks.batches(32, generator=torch.Generator().manual_seed(0))
+                 if len(b.user_tokens) == 32}
+    model = build_model(config, data.metadata)
+    eager = ModelLoss(model, full_softmax_loss)
+    compiled = speed.compiled_for_full_batches(eager, 32, CPU)
+    assert len(by_length) >= 2
+    for batch in by_length.values():
+        (a, n), (b, m) = eager(batch), compiled(batch)
+        assert int(n) == int(m) and torch.allclose(a, b, atol=1e-5)
 
 
 def steps(model, optimizer, schedule, n: int) -> None:
@@ -93,7 +111,8 @@ def test_speed_settings():
     fixed, varying = True, False
     with_compiler = speed.can_compile_for_cpu()
     assert speed.speed_settings(TrainerConfig(), CPU, fixed).compile == with_compiler
-    assert speed.speed_settings(TrainerConfig(), CPU, varying) == speed.Speed(False, False, False)
+    assert speed.speed_settings(TrainerConfig(), CPU, varying) == speed.Speed(
+        with_compiler, with_compiler and speed.has_cpu_bf16(), False)
     assert speed.speed_settings(TrainerConfig(), CUDA, fixed) == speed.Speed(True, True, True)
     assert speed.speed_settings(TrainerConfig(), CUDA, varying) == speed.Speed(False, True, False)
     assert speed.speed_settings(TrainerConfig(compile=False), CPU, fixed).bf16 is False
