@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -181,6 +182,9 @@ def check_values(config: Config, origins: Origins) -> None:
     need(mc.mode != "sequence" or tc.split == "leave_one_out", f"{trp}.split", tc.split,
          "leave_one_out in the sequence mode")
     at_least(tc, trp, 1, "window_stride", "batch_size", "eval_batch_size", "num_epochs", "eval_every", "log_every")
+    for name in ("learning_rate", "weight_decay", "min_lr_ratio", "label_smoothing", "grad_clip"):
+        value = getattr(tc, name)
+        need(value is None or math.isfinite(value), f"{trp}.{name}", value, "a finite number")
     need(tc.learning_rate > 0, f"{trp}.learning_rate", tc.learning_rate, "positive")
     one_of(tc, trp, "optimizer", ("adam", "adamw"))
     at_least(tc, trp, 0, "weight_decay", "warmup_steps")

@@ -41,6 +41,7 @@ def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Gene
     target, targets per second), over all processes."""
     total = torch.zeros((), device=dataset.device)
     targets = torch.zeros((), dtype=torch.long, device=dataset.device)
+    diverged_at = torch.full((), -1, dtype=torch.long, device=dataset.device)  # the first non-finite loss's step
     start = time.perf_counter()
     bar = tqdm(dataset.batches(tc.batch_size, shuffle=True, generator=generator, rank=group.rank, world=group.world),
                total=dataset.num_batches(tc.batch_size, group.world), desc=f"epoch {epoch}", leave=False,
@@ -49,11 +50,26 @@ def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Gene
         loss, count = step_fn(batch)
         total += loss * count
         targets += count
-        if step % tc.log_every == 0 and writer:  # the only host sync inside the epoch
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            writer.add_scalar("loss/train_step", loss.item(), step)
+        diverged_at = torch.where((diverged_at < 0) & ~torch.isfinite(loss), step, diverged_at)
+        if step % tc.log_every == 0:  # the only host syncs inside the epoch
+            if not group.is_distributed:  # (several processes stop together, below)
+                stop_if_diverged(diverged_at, total, epoch, tc)
+            if writer:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                writer.add_scalar("loss/train_step", loss.item(), step)
     total, n = sum_over_processes(group, total, targets)
+    stop_if_diverged(diverged_at, torch.tensor(total), epoch, tc)
     return total / max(n, 1), n / (time.perf_counter() - start)
+
+
+def stop_if_diverged(diverged_at: torch.Tensor, total: torch.Tensor, epoch: int, tc: TrainerConfig) -> None:
+    """A UserError once the loss is not finite (a diverged run), before anything of it is saved."""
+    if bool(torch.isfinite(total)) and int(diverged_at) < 0:
+        return
+    where = f", first at step {int(diverged_at)}" if int(diverged_at) >= 0 else ""
+    clip = "lower trainer_config.grad_clip" if tc.grad_clip else "set trainer_config.grad_clip (e.g. 1.0)"
+    raise UserError(f"training diverged in epoch {epoch}: the loss is not finite{where}; lower "
+                    f"trainer_config.learning_rate ({tc.learning_rate:g}) or {clip}")
 
 
 @torch.inference_mode()
@@ -126,8 +142,8 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
     model = build_model(config, metadata).to(device)
     optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
     schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size, group.world))
-    step_fn = make_training_step(model, make_loss(tc, train_set), optimizer, schedule, tc, speed, device,
-                                 group.is_distributed)
+    step_fn = make_training_step(model, make_loss(tc, train_set), optimizer, schedule, tc, speed, device, train_set,
+                                 group.world)
     scorer = model_scorer(model, compiled=speed.compile)
     generator = torch.Generator().manual_seed(tc.seed)
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}

@@ -50,15 +50,19 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Te
     """0-based rank of each target among the non-excluded tokens (excluded: bool, or its uint8 view).
 
     Ties are broken by token index, so equal scores (popularity counts) are ranked as a stable
-    sort would rank them, not in the target's favour.
+    sort would rank them, not in the target's favour. A NaN score ranks below every number: a
+    target whose score is NaN is a miss, never first.
     """
     excluded = excluded.view(torch.uint8)  # the same bytes, which inductor's kernels load faster than bool
+    missed = scores.gather(1, targets[:, None])[:, 0].isnan()
+    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     target_score = scores.gather(1, targets[:, None])
     index = torch.arange(scores.shape[1], device=scores.device)
     ahead = (scores > target_score) | ((scores == target_score) & (index < targets[:, None]))
     rank = (ahead & (excluded == 0)).sum(1)
     # a target the exclusion removed (a repeat of a seen movie) counts as a miss
-    return torch.where(excluded.gather(1, targets[:, None])[:, 0] != 0, scores.shape[1], rank)
+    missed |= excluded.gather(1, targets[:, None])[:, 0] != 0
+    return torch.where(missed, scores.shape[1], rank)
 
 
 Ranker = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

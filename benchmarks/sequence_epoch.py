@@ -71,7 +71,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     optimizer = make_optimizer(model, tc, device, capturable=settings.cuda_graph)
     schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size))
     loss = make_loss(tc, train_set)
-    step = make_training_step(model, loss, optimizer, schedule, tc, settings, device)
+    step = make_training_step(model, loss, optimizer, schedule, tc, settings, device, train_set)
     batches = list(train_set.batches(tc.batch_size, shuffle=True, generator=torch.Generator().manual_seed(tc.seed)))
     batches = batches[:args.steps] if args.steps else batches
 

@@ -275,3 +275,20 @@ def test_recommend_checks_k(checkpoint, capsys):
     assert "-k 199 asks for more movies than the" in err
     with pytest.raises(SystemExit):
         recommend.main(["--checkpoint", str(checkpoint), "--user", "5", "-k", "0"])
+
+
+# ----------------------------------------------------------------------------- nothing silent
+
+def test_a_diverged_run_stops_with_one_line_and_saves_nothing(workdir, ml1m_dir, capsys):
+    err = one_line_error(capsys, model_train.main, sets(f"trainer_config.data_dir={ml1m_dir}",
+                                                        "trainer_config.learning_rate=1.0e+30",
+                                                        "trainer_config.log_every=2", "trainer_config.run_name=nan"))
+    assert "training diverged in epoch 1: the loss is not finite, first at step" in err
+    assert "trainer_config.learning_rate (1e+30)" in err and not Path("models/nan").exists()
+
+
+@pytest.mark.parametrize("assignment", ["trainer_config.learning_rate=.inf", "trainer_config.weight_decay=.inf",
+                                        "trainer_config.learning_rate=.nan", "trainer_config.grad_clip=.inf"])
+def test_non_finite_settings_are_refused(assignment):
+    with pytest.raises(ConfigError, match=f"{assignment.split('=')[0]} is .* it must be a finite number"):
+        load_config(DEFAULT_CONFIG, [assignment])

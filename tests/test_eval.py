@@ -119,3 +119,11 @@ def test_paired_difference_finds_a_real_difference_and_no_false_one():
     noise = evaluation.paired_difference(evaluation.per_user_metrics(torch.randint(0, 50, (3000,)), (10,)),
                                          evaluation.per_user_metrics(ranks, (10,)), resamples=500)["ndcg@10"]
     assert noise["low"] < 0 < noise["high"] and noise["p_value"] > 0.05
+
+
+def test_a_nan_score_ranks_below_every_number_and_its_target_is_a_miss():
+    nan = float("nan")
+    scores = torch.tensor([[nan, 1.0, 2.0, 0.5], [nan, nan, nan, nan], [3.0, nan, 1.0, 2.0]])
+    none = torch.zeros(3, 4, dtype=torch.bool)
+    ranks = evaluation.target_ranks(scores, torch.tensor([0, 0, 3]), none)
+    assert ranks.tolist() == [4, 4, 1]  # NaN targets miss; a NaN elsewhere is not ahead of the target

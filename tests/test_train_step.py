@@ -9,7 +9,7 @@ from config import TrainerConfig, build_model, load_config
 from data import MovieLensSequenceDataset, SequenceChunks, load_movielens
 from kernels import dropout
 from training import (ModelLoss, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
-                      make_training_step, seed_epoch, train_step)
+                      make_training_step, seed_epoch, train_step, weighed_by_share)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -101,7 +101,7 @@ def test_cuda_graph_step_equals_the_eager_step(ml1m_dir):
         settings = speed.Speed(compile=False, bf16=False, cuda_graph=graphed)
         optimizer = make_optimizer(model, tc, CUDA, capturable=graphed)
         schedule = make_schedule(optimizer, tc, steps_per_epoch=10)
-        step = make_training_step(model, full_softmax_loss, optimizer, schedule, tc, settings, CUDA)
+        step = make_training_step(model, full_softmax_loss, optimizer, schedule, tc, settings, CUDA, train)
         for batch in list(train.batches(64))[:8]:
             step(batch)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*(m.parameters() for m in models)))
@@ -139,9 +139,10 @@ def test_without_a_working_compiler_the_cpu_trains_eagerly(monkeypatch, ml1m_dir
         data = load_movielens(ml1m_dir, cache=False)
         model = build_model(config, data.metadata)
         optimizer = make_optimizer(model, config.trainer_config, CPU)
+        train = MovieLensSequenceDataset(data, "train")
         step = make_training_step(model, full_softmax_loss, optimizer, make_schedule(optimizer, config.trainer_config, 1),
-                                  config.trainer_config, settings, CPU)
-        loss, n = step(next(MovieLensSequenceDataset(data, "train").batches(8)))
+                                  config.trainer_config, settings, CPU, train)
+        loss, n = step(next(train.batches(8)))
         assert n == 8 and loss > 0
     finally:
         speed.can_compile_for_cpu.cache_clear()
@@ -156,3 +157,16 @@ def test_each_process_draws_its_own_dropout_masks_and_a_resumed_epoch_the_same()
     assert torch.equal(mask(epoch=3, rank=0), mask(epoch=3, rank=0))  # resumed at epoch 3
     assert not torch.equal(mask(epoch=3, rank=0), mask(epoch=3, rank=1))
     assert not torch.equal(mask(epoch=3, rank=0), mask(epoch=4, rank=0))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_every_target_weighs_the_same_whatever_its_batch_size(world):
+    """The sequence mode's batches of 3 and of 300 targets: each batch's gradient is that of its
+    targets' sum over an average step's, as if the targets had been drawn into batches at random."""
+    weight = torch.ones(1, requires_grad=True)
+    for count in (3, 300):
+        losses = weight * torch.arange(count, dtype=torch.float32)
+        loss, n = weighed_by_share(lambda batch: (losses.mean(), count), targets_per_step=100.0, world=world)(None)
+        assert loss.item() == pytest.approx(losses.mean().item())  # the value stays the batch's mean
+        (gradient,) = torch.autograd.grad(loss, weight)
+        assert gradient.item() == pytest.approx(world * losses.sum().item() / 100.0)
