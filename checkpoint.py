@@ -7,14 +7,18 @@ numbers (the other draws are seeded anew each epoch: training.seed_epoch).
 """
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from config import Config, apply_overrides, build_model, config_from_dict, upgrade_saved_config
+from dataclasses import asdict
+
+from config import Config, apply_overrides, build_model, config_from_dict, flat_settings, upgrade_saved_config
 from data import DatasetMetadata, MovieLensData, load_movielens
-from errors import CheckpointError
+from errors import CheckpointError, ConfigError
 from files import atomic_write
 from movielens_transformer import MovieLensTransformer
 from releases import ensure_movielens
@@ -47,8 +51,33 @@ def load_checkpoint(path: str | Path) -> dict:
 def saved_config(checkpoint: dict, overrides: list[str] = (), source: str = "checkpoint config") -> Config:
     """The config a checkpoint was trained with (keys of earlier versions upgraded), with
     `--set` overrides applied."""
-    raw = upgrade_saved_config(checkpoint["config"])
+    raw = upgrade_saved_config(copy.deepcopy(checkpoint["config"]))
     return config_from_dict(raw, apply_overrides(raw, overrides, source))
+
+
+# what a resumed run may change: how long and how fast it trains, what it logs, where it runs
+RESUMABLE = {f"trainer_config.{key}" for key in (
+    "num_epochs", "patience", "eval_every", "log_every", "learning_rate", "lr_schedule", "warmup_steps", "min_lr_ratio",
+    "grad_clip", "weight_decay", "label_smoothing", "eval_batch_size", "loss_chunk_rows", "device", "compile", "bf16",
+    "cuda_graph", "cache", "data_dir")}
+
+
+def resume_config(checkpoint: dict, overrides: list[str], source: str) -> tuple[Config, list[str]]:
+    """The config to continue a run with: the checkpoint's, with `--set` overrides of the keys
+    in RESUMABLE, and a line for each value that changes. Any other key (the model's shape, the
+    split, the batch size, the optimizer, the seed) cannot change mid-run: a ConfigError names it."""
+    config = saved_config(checkpoint, overrides, source)
+    before = flat_settings(upgrade_saved_config(copy.deepcopy(checkpoint["config"])))
+    after = flat_settings(asdict(config))
+    changes = []
+    for key, value in after.items():
+        if value == before.get(key):
+            continue
+        if key not in RESUMABLE:
+            raise ConfigError(f"{key} cannot change when a run is resumed (from --set: {before.get(key)!r} -> "
+                              f"{value!r}); start a new run to change it")
+        changes.append(f"{key} {before.get(key)!r} -> {value!r}")
+    return config, changes
 
 
 def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Config, DatasetMetadata]:
@@ -61,6 +90,13 @@ def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Confi
     except RuntimeError as e:
         raise CheckpointError(f"the checkpoint's weights do not fit its config: {str(e).splitlines()[0]}") from None
     return model.eval(), config, metadata
+
+
+def inputs_of(checkpoint_path: Path, config: Config, data_dir: Optional[str] = None) -> list[Path]:
+    """What a script reading this checkpoint must never write over: the run's files and the data."""
+    run = Path(checkpoint_path).parent
+    return [Path(checkpoint_path), run / "best.pt", run / "last.pt", run / "config.yaml",
+            Path(data_dir or config.trainer_config.data_dir)]
 
 
 def data_for_checkpoint(config: Config, metadata: DatasetMetadata, data_dir: Optional[str] = None) -> MovieLensData:

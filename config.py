@@ -126,12 +126,37 @@ def config_from_dict(raw: dict, origins: Origins) -> Config:
         config = dacite.from_dict(Config, raw, config=dacite.Config(strict=True))
     except dacite.WrongTypeError as e:
         raise ConfigError(f"{e.field_path} is {e.value!r} (from {origins(e.field_path)}), "
-                          f"which is not of type {getattr(e.field_type, '__name__', e.field_type)}") from None
+                          f"which is not of type {getattr(e.field_type, '__name__', e.field_type)}"
+                          f"{number_hint(e.value)}") from None
     except dacite.DaciteError as e:
         raise ConfigError(f"{origins.source}: {e}") from None
+    refuse_booleans(config, origins)
     check_values(config, origins)
     config._origins = origins  # not a field: never saved, only for later messages (origin())
     return config
+
+
+def number_hint(value: object) -> str:
+    """A hint for a number that YAML read as a string (PyYAML reads 1e-3, without a dot, as text)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return f"; write {value!r} with a dot and a signed exponent, e.g. 1.0e-3, for YAML to read a number"
+
+
+def refuse_booleans(node: object, origins: Origins, prefix: str = "") -> None:
+    """true/false where a number is due: dacite takes them, as Python's bool is an int."""
+    for name, hint in typing.get_type_hints(type(node)).items():
+        value, key = getattr(node, name), f"{prefix}{name}"
+        if dataclasses.is_dataclass(value):
+            refuse_booleans(value, origins, f"{key}.")
+        elif hint is not bool and hint != Optional[bool] and (
+                isinstance(value, bool) or isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+            raise ConfigError(f"{key} is {value!r} (from {origins(key)}), which is not of type "
+                              f"{hint if typing.get_origin(hint) else getattr(hint, '__name__', hint)}")
 
 
 def origin(config: Config, key: str) -> str:
@@ -205,6 +230,17 @@ def check_values(config: Config, origins: Origins) -> None:
     need(tc.run_name is None or re.fullmatch(r"[\w.-]+", tc.run_name) is not None and tc.run_name not in (".", ".."),
          f"{trp}.run_name", tc.run_name, "letters, digits, '.', '_' and '-', or null")
     need(bool(tc.data_dir), f"{trp}.data_dir", tc.data_dir, "a folder")
+
+
+def flat_settings(tree: dict, prefix: str = "") -> dict[str, float | str | bool]:
+    """A nested config as {"a.b.c": value}, in the types TensorBoard's HParams view takes."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def apply_override(raw: dict, assignment: str) -> None:

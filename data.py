@@ -450,17 +450,6 @@ class ChunkBatch(NamedTuple):
     padding_mask: torch.Tensor  # [B, T] positions before the user's SOS
 
 
-def length_batches(lengths: torch.Tensor, size: int, shuffle: bool,
-                   generator: torch.Generator) -> list[torch.Tensor]:
-    """The indices of `lengths` in batches of `size` of similar length: sorted by length (ties in
-    a random order when shuffled), then the batches themselves in a random order."""
-    order = torch.randperm(len(lengths), generator=generator) if shuffle else torch.arange(len(lengths))
-    batches = list(order[torch.sort(lengths[order], stable=True).indices].split(size))
-    if shuffle:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    return batches
-
-
 class SequenceChunks:
     """Training data of the `sequence` mode: each user's training history as chunks of at most
     `context_window_size` inputs, trained to predict the next movie at every position.
@@ -468,9 +457,7 @@ class SequenceChunks:
     Histories longer than the context are cut into chunks whose boundaries are drawn afresh
     each epoch; every training target is trained on exactly once per epoch, each with the full
     context before it. Only leave_one_out training targets are used: a user's validation and
-    test targets are never inputs or targets here. A batch holds chunks of similar real length
-    and is cut to its longest one, so that little left padding is computed; `length_step` > 1
-    rounds that length up to a multiple of it (a few shapes, for compiled steps).
+    test targets are never inputs or targets here.
     """
 
     fixed_batch_shapes = False  # the number of trained positions varies from batch to batch
@@ -480,7 +467,6 @@ class SequenceChunks:
         self.context_window_size = context_window_size
         self.last_target = last_training_position(data.lengths.numpy())
         self.device = torch.device("cpu")
-        self.length_step = 1
 
     def __len__(self) -> int:
         """Training targets per epoch."""
@@ -489,7 +475,7 @@ class SequenceChunks:
     def num_batches(self, batch_size: int, world: int = 1) -> int:
         """Batches per epoch (per process of `world`), on average: chunk boundaries move each epoch."""
         expected_chunks = int((self.last_target >= 1).sum()) + len(self) / self.context_window_size
-        return -(-int(expected_chunks) // (batch_size * world))
+        return -(-int(expected_chunks) // batch_size) // world
 
     def target_counts(self) -> torch.Tensor:
         """How often each token is a training target, [vocab]: the in-batch negatives' sampling rates."""
@@ -523,18 +509,13 @@ class SequenceChunks:
 
     def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None,
                 rank: int = 0, world: int = 1) -> Iterator[ChunkBatch]:
-        """Batches of `batch_size` chunks of similar length, freshly cut and shuffled each call,
-        each cut to its longest chunk. With `world` processes the chunks are grouped into batches
-        of world x batch_size and each process takes its slice of every one: together they step
-        through the batches one process at world x batch_size would."""
+        """Batches of `batch_size` chunks, freshly cut and shuffled each call (this process's
+        share of them with `world` processes, as MovieLensSequenceDataset.batches)."""
         generator = generator or torch.Generator().manual_seed(0)
         chunks = self.chunks(generator)
-        lengths = (~chunks.padding_mask).sum(1).cpu()  # real positions of each chunk
-        for index in length_batches(lengths, batch_size * world, shuffle, generator):
-            if len(index) <= (world - 1) * batch_size:  # a last batch too small to share
-                continue
-            part = index[rank * batch_size:(rank + 1) * batch_size]
-            step = self.length_step
-            t = min(-(-int(lengths[part].max()) // step) * step, self.context_window_size)
-            part = part.to(self.device)
-            yield ChunkBatch(*(x[part][:, -t:] if x.dim() == 2 else x[part] for x in chunks))
+        n = len(chunks.user_tokens)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for start in shared_starts(n, batch_size, rank, world):
+            index = order[start:start + batch_size]
+            yield ChunkBatch(*(t[index] for t in chunks))

@@ -9,6 +9,7 @@ other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable, Optional
 
@@ -37,11 +38,17 @@ class Interrupted(UserError):
     label, exit_code = "interrupted", 130
 
 
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[list[str]] = None) -> int:
     """Run a script's main(argv) as a command: 0 when it returns, else the UserError's exit code
-    after its one line (`error: ...`). With --debug or MOVIELENS_DEBUG=1 it keeps its traceback."""
+    after its one line (`error: ...`). With --debug or MOVIELENS_DEBUG=1 it keeps its traceback.
+    SIGTERM (kill, a job scheduler) stops it as Ctrl-C does: what can be kept is kept."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MOVIELENS_DEBUG") == "1"
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         main(argv)
     except KeyboardInterrupt:
@@ -54,4 +61,6 @@ def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[lis
             raise
         print(f"{e.label}: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

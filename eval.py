@@ -15,11 +15,11 @@ from typing import Optional
 
 import torch
 
-from checkpoint import data_for_checkpoint, load_checkpoint, model_from_checkpoint
+from checkpoint import data_for_checkpoint, inputs_of, load_checkpoint, model_from_checkpoint
 from config import make_datasets, pick_device
 from data import EXCLUDE, with_context
 from errors import UserError, run_script
-from files import atomic_write
+from files import atomic_write, refuse_to_overwrite
 from plots import plot_results
 from ranking import (bootstrap_intervals, constant_scorer, markdown_table, model_scorer,
                      paired_difference, per_user_metrics, popularity_baselines, prediction_writer, rank_all)
@@ -53,6 +53,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         parser.error("every --k and --batch-size must be at least 1, --resamples at least 10")
 
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    inputs = inputs_of(args.checkpoint, config, args.data_dir)
+    refuse_to_overwrite(args.save_predictions, "--save-predictions", inputs)
+    refuse_to_overwrite(args.plot, "--plot", inputs)
     if max(args.k) > metadata.num_movies:
         raise UserError(f"--k {max(args.k)} is more than the {metadata.num_movies:,} movies of {metadata.name}; "
                         f"give K of at most {metadata.num_movies:,}")

@@ -59,12 +59,16 @@ def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
 
 
 def run(command: list[str], what: str) -> None:
-    """Run a repo script as a process that shares this one's terminal (its log and progress bars
-    show as they come; Ctrl-C reaches it too, and it keeps what it can before the sweep stops)."""
-    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.DEVNULL)
+    """Run a repo script as a process that writes to this one's terminal (its log and progress
+    bars show as they come). It runs in a session of its own, so that Ctrl-C, `kill -INT` and
+    `kill -TERM` all reach the sweep alone, which hands the run one SIGINT: the run keeps what it
+    can, then the sweep stops."""
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               start_new_session=True)
     try:
         code = process.wait()
     except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
         code = process.wait()
     if code in (Interrupted.exit_code, -signal.SIGINT):
         raise Interrupted(f"the sweep stopped during {what}; the same command goes on from there")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Optional
 
 from errors import UserError
 
@@ -15,6 +15,19 @@ REASONS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is re
 def write_error(path: Path, error: OSError, remedy: str = "free space or choose a writable folder") -> UserError:
     """A UserError for a file or folder that could not be written."""
     return UserError(f"cannot write {path}: {REASONS.get(error.errno, error.strerror or str(error))}; {remedy}")
+
+
+def refuse_to_overwrite(output: Optional[Path], option: str, inputs: Iterable[Path]) -> None:
+    """A UserError, before anything is computed, when `option`'s output path is one of the inputs
+    (a checkpoint, a run's files) or lies inside an input folder (the data)."""
+    if output is None:
+        return
+    target = Path(output).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source or source.is_dir() and source in target.parents:
+            raise UserError(f"{option} {output} would overwrite {source}; give a path outside the run's files "
+                            "and the data folder")
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -23,16 +23,16 @@ from loguru import logger
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, save_atomic, saved_config
-from config import DEFAULT_CONFIG, Config, TrainerConfig, build_model, load_config, make_datasets
-from data import MovieLensData
+from checkpoint import load_checkpoint, resume_config, save_atomic
+from config import DEFAULT_CONFIG, Config, TrainerConfig, build_model, flat_settings, load_config, make_datasets
+from data import DatasetMetadata, MovieLensData
 from distributed import Group, exit_process, gather, on_main, start, stop, sum_over_processes, wait_for_all
-from errors import Interrupted, UserError, run_script
+from errors import CheckpointError, Interrupted, UserError, run_script
 from files import atomic_write, write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
-from speed import Step, pad_to_buckets, speed_settings
-from training import load_optimizer_state, make_loss, make_optimizer, make_schedule, make_training_step, seed_epoch
+from speed import Step, speed_settings
+from training import make_loss, make_optimizer, make_schedule, make_training_step, resume_optimizer, seed_epoch
 
 
 def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Generator,
@@ -138,22 +138,28 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
     train_set = datasets["train"].to(device)
     val_shard = datasets["validation"].to(device).shard(group.rank, group.world)
     speed = speed_settings(tc, device, train_set.fixed_batch_shapes, group.is_distributed)
-    pad_to_buckets(train_set, speed, device)
     model = build_model(config, metadata).to(device)
     optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
     schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size, group.world))
-    step_fn = make_training_step(model, make_loss(tc, train_set), optimizer, schedule, tc, speed, device, train_set,
-                                 group.world)
+    step_fn = make_training_step(model, make_loss(tc, train_set), optimizer, schedule, tc, speed, device,
+                                 group.is_distributed)
     scorer = model_scorer(model, compiled=speed.compile)
     generator = torch.Generator().manual_seed(tc.seed)
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
     if resume:
         checkpoint = load_checkpoint(resume / "last.pt")
+        if checkpoint["metadata"] != metadata.to_dict():
+            saved = DatasetMetadata.from_dict(checkpoint["metadata"])
+            raise CheckpointError(f"{resume / 'last.pt'} was trained on {saved.name} ({saved.num_users:,} users, "
+                                  f"{saved.num_movies:,} movies); {tc.data_dir} holds {metadata.name} "
+                                  f"({metadata.num_users:,} users, {metadata.num_movies:,} movies); resume on that data")
         model.load_state_dict(checkpoint["model"])
-        load_optimizer_state(optimizer, checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
+        resume_optimizer(optimizer, schedule, checkpoint, tc)
         generator.set_state(checkpoint["generator"])
         state = checkpoint["state"]
+        if done := finished(state, tc):
+            logger.info(f"{resume} {done}: nothing to train")
+            return resume
     run, log_dir = on_main(group, lambda: open_run(tc, resume))
     tc.run_name = run.name
     writer = None
@@ -216,15 +222,14 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
     return run
 
 
-def flat_settings(tree: dict, prefix: str = "") -> dict[str, float | str | bool]:
-    """A nested config as {"a.b.c": value}, in the types TensorBoard's HParams view takes."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+def finished(state: dict, tc: TrainerConfig) -> str:
+    """Why a run has nothing left to train ("" while it has)."""
+    if state["epoch"] >= tc.num_epochs:
+        return (f"trained all {tc.num_epochs} epochs of trainer_config.num_epochs; raise it (--set) to train on")
+    if tc.patience is not None and state["stale"] >= tc.patience:
+        return (f"stopped early after epoch {state['epoch']} (no better validation NDCG@10 for {tc.patience} "
+                "evaluations); raise trainer_config.patience, or set it to null, to train on")
+    return ""
 
 
 def remove_folders(*folders: Path) -> None:
@@ -243,15 +248,19 @@ def remove_if_unsaved(run: Path, log_dir: Path, epoch: int) -> str:
 def main(argv: Optional[list[str]] = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config")
+    parser.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--resume", type=Path, help="run folder whose last.pt to continue")
     args = parser.parse_args(argv)
-    if args.resume:
-        config = saved_config(load_checkpoint(args.resume / "last.pt"), args.overrides, str(args.resume / "last.pt"))
-    else:
-        config = load_config(args.config, args.overrides)
+    if args.resume and args.config:
+        raise UserError(f"--resume continues {args.resume} with the config saved in it; --config cannot change it "
+                        "(use --set for the settings a resumed run may change)")
+    if not args.resume:
+        return train(load_config(args.config or DEFAULT_CONFIG, args.overrides))
+    config, changes = resume_config(load_checkpoint(args.resume / "last.pt"), args.overrides, "--set")
+    for change in changes:
+        logger.info(f"resuming {args.resume} with {change}")
     return train(config, resume=args.resume)
 
 

@@ -115,10 +115,7 @@ class Transformer(nn.Module):
         if t > self.config.context_window_size:
             raise ValueError(f"input of length {t} exceeds context_window_size "
                              f"{self.config.context_window_size}")
-        # positions count back from the window's end: inputs are left-padded, so a window cut to
-        # its real length (the sequence mode's batches) keeps the embeddings it has at full length
-        c = self.config.context_window_size
-        positions = torch.arange(c - t, c, device=movie_tokens.device)
+        positions = torch.arange(t, device=movie_tokens.device)
         x = self.dropout(self.token_embedding(movie_tokens) + self.position_embedding(positions))
         mask = None
         if padding_mask is not None:

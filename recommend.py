@@ -13,9 +13,10 @@ from typing import Optional
 
 import torch
 
-from checkpoint import data_for_checkpoint, load_checkpoint, model_from_checkpoint
+from checkpoint import data_for_checkpoint, inputs_of, load_checkpoint, model_from_checkpoint
 from data import DatasetMetadata, MovieLensData, latest_windows, seen_mask
 from errors import UserError, run_script
+from files import refuse_to_overwrite
 from plots import CardRow, draw_cards
 from ranking import model_scorer
 
@@ -51,6 +52,7 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
         parser.error("-k must be at least 1 and --history at least 0")
 
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    refuse_to_overwrite(args.png, "--png", inputs_of(args.checkpoint, config, args.data_dir))
     token = user_token(metadata, args.user)
     data = data_for_checkpoint(config, metadata, args.data_dir)
     movies, ratings = data.history(token)

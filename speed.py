@@ -3,10 +3,9 @@ apply them, each a function of a step or loss (training.make_training_step appli
 
 Each switch is a trainer_config key whose null means "decide from the device":
 - compile: torch.compile of the training loss (model and cross-entropy in one graph, so the
-  softmax over all movies fuses with the loss) and of validation. On by default on a CPU where
-  inductor can build kernels (it needs a C++ compiler), in either mode (the sequence mode's
-  batches then take one of a few lengths: pad_to_buckets), and on CUDA where batches have one
-  fixed shape (the window mode; the sequence mode compiled on CUDA is not measured yet).
+  softmax over all movies fuses with the loss) and of validation. On by default where batches
+  have one fixed shape (the window mode) on CUDA, and on a CPU where inductor can build kernels
+  (it needs a C++ compiler).
 - bf16: autocast of the training loss. On by default on CUDA, and for a compiled loss on a CPU
   with bf16 arithmetic (AVX512-BF16 or AMX).
 - cuda_graph: the whole step (forward, backward, Adam) captured once and replayed, one launch a
@@ -25,7 +24,6 @@ import torch
 from loguru import logger
 
 from config import TrainerConfig
-from data import SequenceChunks
 from errors import ConfigError
 
 Step = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]  # a batch -> (mean loss, its targets)
@@ -50,7 +48,7 @@ def speed_settings(tc: TrainerConfig, device: torch.device, fixed_batch_shapes: 
     if tc.cuda_graph and not (cuda and fixed_batch_shapes and not distributed):
         raise ConfigError("trainer_config.cuda_graph needs a CUDA device, batches of one shape "
                           "(model_config.mode: window) and one process")
-    compile = (cuda and fixed_batch_shapes or cpu and can_compile_for_cpu()) if tc.compile is None else tc.compile
+    compile = fixed_batch_shapes and (cuda or cpu and can_compile_for_cpu()) if tc.compile is None else tc.compile
     bf16 = cuda or compile and cpu and has_cpu_bf16() if tc.bf16 is None else tc.bf16
     cuda_graph = cuda and fixed_batch_shapes and not distributed if tc.cuda_graph is None else tc.cuda_graph
     return Speed(compile, bf16, cuda_graph)
@@ -74,17 +72,6 @@ def has_cpu_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-LENGTH_BUCKETS = 8
-
-
-def pad_to_buckets(train_set, settings: Speed, device: torch.device) -> None:
-    """Where the step is compiled or runs on CUDA, the sequence mode's batches are padded to one of
-    LENGTH_BUCKETS lengths rather than to their longest chunk, so that few shapes are compiled
-    and allocated; elsewhere each batch computes no more than its longest chunk."""
-    if isinstance(train_set, SequenceChunks) and (settings.compile or device.type == "cuda"):
-        train_set.length_step = -(-train_set.context_window_size // LENGTH_BUCKETS)
 
 
 def is_full(batch, batch_size: int) -> bool:

@@ -124,6 +124,22 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
             group["lr"] = rate
 
 
+def resume_optimizer(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+                     checkpoint: dict, tc: TrainerConfig) -> None:
+    """The optimizer's and the schedule's saved state, then this config's learning rate, weight
+    decay and schedule in place of the saved ones: a run resumed with new values trains with them."""
+    load_optimizer_state(optimizer, checkpoint["optimizer"])
+    schedule.load_state_dict(checkpoint["schedule"])
+    schedule.base_lrs = [tc.learning_rate] * len(optimizer.param_groups)
+    rate = tc.learning_rate * schedule.lr_lambdas[0](schedule.last_epoch)
+    for group in optimizer.param_groups:
+        group["weight_decay"] = tc.weight_decay
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+
+
 def make_schedule(optimizer: torch.optim.Optimizer, tc: TrainerConfig,
                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then constant or cosine decay over num_epochs."""
@@ -158,25 +174,20 @@ def train_step(loss_fn: Step, optimizer: torch.optim.Optimizer, batch,
 
 def make_training_step(model: torch.nn.Module, loss: Loss, optimizer: torch.optim.Optimizer,
                        schedule: torch.optim.lr_scheduler.LRScheduler, tc: TrainerConfig, settings: speed.Speed,
-                       device: torch.device, train_set, world: int = 1) -> Step:
-    """The training step on train_set's batches as the speed settings say (`world` processes
-    under torchrun), then one step of the schedule.
+                       device: torch.device, distributed: bool = False) -> Step:
+    """The training step as the speed settings say, then one step of the schedule.
 
     Read from the inside out: the loss of the model on a batch; under torchrun through
-    DistributedDataParallel (which averages the gradients); in bf16 autocast; compiled for full
-    batches; its gradient weighed so that every target counts the same (weighed_by_share in the
-    sequence mode, weighed_by_targets for the window mode under torchrun); the eager train_step
-    around it; on CUDA the whole step captured once and replayed as a CUDA
-    graph."""
+    DistributedDataParallel (which averages the gradients), each process's gradient weighed by
+    its share of the step's targets; in bf16 autocast; compiled for full batches; the eager
+    train_step around it; on CUDA the whole step captured once and replayed as a CUDA graph."""
     loss_fn: Step = ModelLoss(model, loss)
-    if world > 1:
+    if distributed:
         loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = speed.in_bf16(loss_fn, device, settings.bf16)
     if settings.compile:
         loss_fn = speed.compiled_for_full_batches(loss_fn, tc.batch_size, device)
-    if not train_set.fixed_batch_shapes:
-        loss_fn = weighed_by_share(loss_fn, len(train_set) / train_set.num_batches(tc.batch_size, world), world)
-    elif world > 1:
+    if distributed:
         loss_fn = weighed_by_targets(loss_fn)
 
     def step(batch) -> tuple[torch.Tensor, torch.Tensor | int]:
@@ -193,25 +204,8 @@ def make_training_step(model: torch.nn.Module, loss: Loss, optimizer: torch.opti
 
 def weighed_by_targets(loss_fn: Step) -> Step:
     """loss_fn with its gradient weighed by this process's share of the step's targets
-    (distributed.weigh_by_targets): the window mode's batches under torchrun, where only a last,
-    smaller batch differs."""
+    (distributed.weigh_by_targets)."""
     def weighed(batch):
         loss, count = loss_fn(batch)
         return weigh_by_targets(loss, count), count
-    return weighed
-
-
-def weighed_by_share(loss_fn: Step, targets_per_step: float, world: int) -> Step:
-    """loss_fn with its gradient scaled by the batch's targets over an average step's (its share
-    of them for one of `world` processes, whose gradients DistributedDataParallel averages).
-
-    The sequence mode's batches hold chunks of similar length: a batch of short histories has a
-    few hundred targets, one of long ones over ten thousand. A plain mean per batch would give
-    each target of a short batch many times the weight of a long batch's; scaled, every target
-    weighs the same, as in batches of chunks drawn at random. The value stays the batch's mean,
-    for the logs."""
-    def weighed(batch):
-        loss, count = loss_fn(batch)
-        factor = count * world / targets_per_step
-        return loss + (factor - 1) * (loss - loss.detach()), count
     return weighed

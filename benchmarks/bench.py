@@ -118,7 +118,7 @@ def trainer_step(model, config: Config, dataset, device: torch.device) -> Step:
     speed = speed_settings(tc, device, dataset.fixed_batch_shapes)
     optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
     schedule = make_schedule(optimizer, tc, dataset.num_batches(tc.batch_size))
-    return make_training_step(model, make_loss(tc, dataset), optimizer, schedule, tc, speed, device, dataset)
+    return make_training_step(model, make_loss(tc, dataset), optimizer, schedule, tc, speed, device)
 
 
 def train_fast(step_fn, dataset, steps: int, device: torch.device) -> float:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import build_model, load_config, make_datasets, pick_device  # noqa: E402
 from errors import run_script  # noqa: E402
-from speed import pad_to_buckets, speed_settings  # noqa: E402
+from speed import speed_settings  # noqa: E402
 from training import ModelLoss, make_loss, make_optimizer, make_schedule, make_training_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,13 +65,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     tc, device = config.trainer_config, pick_device(args.device)
     train_set = make_datasets(config)["train"].to(device)
     settings = speed_settings(tc, device, train_set.fixed_batch_shapes)
-    pad_to_buckets(train_set, settings, device)
     torch.manual_seed(tc.seed)
     model = build_model(config, train_set.metadata).to(device).train()
     optimizer = make_optimizer(model, tc, device, capturable=settings.cuda_graph)
     schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size))
     loss = make_loss(tc, train_set)
-    step = make_training_step(model, loss, optimizer, schedule, tc, settings, device, train_set)
+    step = make_training_step(model, loss, optimizer, schedule, tc, settings, device)
     batches = list(train_set.batches(tc.batch_size, shuffle=True, generator=torch.Generator().manual_seed(tc.seed)))
     batches = batches[:args.steps] if args.steps else batches
 

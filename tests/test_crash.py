@@ -106,3 +106,20 @@ def test_ctrl_c_says_what_was_kept_and_resume_continues(uninterrupted, ml1m_dir,
     monkeypatch.setattr(model_train, "train_epoch", real_epoch)
     model_train.main(["--resume", "models/run"])
     assert_same_weights(tmp_path / "models/run/last.pt", uninterrupted / "last.pt")
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(ml1m_dir, tmp_path):
+    """kill (a job scheduler's SIGTERM) keeps what Ctrl-C keeps: a run with no saved epoch leaves no folder."""
+    import signal
+    import time
+    process = subprocess.Popen([sys.executable, str(ROOT / "model_train.py"), *run_args(ml1m_dir, "term"),
+                                "--set", "trainer_config.num_epochs=50"], cwd=tmp_path, stderr=subprocess.PIPE,
+                               text=True)
+    while not (tmp_path / "runs" / "term").exists() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    message = process.communicate(timeout=120)[1].strip().splitlines()[-1].split("\r")[-1].strip()
+    assert process.returncode == 130 and message.startswith("interrupted: the run stopped during epoch"), message
+    saved = (tmp_path / "models" / "term" / "last.pt").exists()
+    assert ("is saved; python model_train.py --resume" in message) == saved
+    assert saved or not (tmp_path / "runs" / "term").exists()

@@ -292,3 +292,81 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing(workdir, ml1m_dir,
 def test_non_finite_settings_are_refused(assignment):
     with pytest.raises(ConfigError, match=f"{assignment.split('=')[0]} is .* it must be a finite number"):
         load_config(DEFAULT_CONFIG, [assignment])
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("trainer_config.batch_size=true", "trainer_config.batch_size is True (from --set), which is not of type int"),
+    ("model_config.interaction_mlp_hidden_sizes=[16, false]", "which is not of type list[int]"),
+    ("trainer_config.learning_rate='1e-3'", "write '1e-3' with a dot and a signed exponent, e.g. 1.0e-3"),
+])
+def test_yaml_booleans_are_not_numbers_and_numbers_read_as_text_get_a_hint(assignment, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(DEFAULT_CONFIG, [assignment])
+    assert message in str(error.value)
+
+
+@pytest.fixture()
+def finished_run(workdir, ml1m_dir) -> Path:
+    return model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
+                                 "trainer_config.run_name=done"))
+
+
+def test_a_resumed_run_trains_with_the_settings_it_may_change(finished_run, capsys):
+    from loguru import logger as log
+    lines = []
+    sink = log.add(lines.append, format="{message}")
+    try:
+        model_train.main(["--resume", str(finished_run), "--set", "trainer_config.num_epochs=2",
+                          "--set", "trainer_config.learning_rate=0.5", "--set", "trainer_config.weight_decay=0.25"])
+    finally:
+        log.remove(sink)
+    last = torch.load(finished_run / "last.pt", weights_only=True)
+    assert last["state"]["epoch"] == 2 and any("trainer_config.learning_rate 0.001 -> 0.5" in str(m) for m in lines)
+    group = last["optimizer"]["param_groups"][0]
+    assert float(group["lr"]) == 0.5 and group["weight_decay"] == 0.25 and last["config"]["trainer_config"][
+        "learning_rate"] == 0.5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "model_config.transformer_config.num_layers=2"],
+     "model_config.transformer_config.num_layers cannot change when a run is resumed (from --set: 1 -> 2)"),
+    (["--set", "trainer_config.batch_size=64"], "trainer_config.batch_size cannot change when a run is resumed"),
+    (["--config", str(DEFAULT_CONFIG)], "--config cannot change it"),
+])
+def test_a_resumed_run_refuses_what_it_cannot_change(finished_run, capsys, argv, message):
+    before = (finished_run / "last.pt").read_bytes()
+    assert message in one_line_error(capsys, model_train.main, ["--resume", str(finished_run), *argv])
+    assert (finished_run / "last.pt").read_bytes() == before
+
+
+def test_a_finished_or_early_stopped_run_resumed_says_so_and_stops(finished_run):
+    before = (finished_run / "last.pt").read_bytes()
+    assert model_train.main(["--resume", str(finished_run)]) == finished_run
+    assert (finished_run / "last.pt").read_bytes() == before
+    checkpoint = torch.load(finished_run / "last.pt", weights_only=True)
+    checkpoint["config"]["trainer_config"]["num_epochs"] = 5
+    checkpoint["state"]["stale"] = checkpoint["config"]["trainer_config"]["patience"]
+    torch.save(checkpoint, finished_run / "last.pt")
+    assert model_train.main(["--resume", str(finished_run)]) == finished_run
+    assert torch.load(finished_run / "last.pt", weights_only=True)["state"]["epoch"] == 1
+
+
+def test_a_run_resumed_on_other_data_names_both(finished_run, tmp_path, capsys):
+    other = write_ml1m(tmp_path / "other" / "ml-1m", num_users=40, num_movies=50)
+    err = one_line_error(capsys, model_train.main, ["--resume", str(finished_run), "--set", "trainer_config.num_epochs=2",
+                                                    "--set", f"trainer_config.data_dir={other}"])
+    assert "was trained on ml-1m (300 users, 200 movies)" in err and "holds ml-1m (40 users, 50 movies)" in err
+
+
+@pytest.mark.parametrize("script,option", [(evaluation, "--save-predictions"), (evaluation, "--plot"),
+                                           (recommend, "--png")])
+@pytest.mark.parametrize("target", ["best.pt", "last.pt", "config.yaml", "data"])
+def test_outputs_never_overwrite_the_checkpoint_the_run_or_the_data(checkpoint, ml1m_dir, capsys, script, option,
+                                                                     target):
+    output = ml1m_dir / "ratings.dat" if target == "data" else checkpoint.parent / target
+    if not output.exists():
+        pytest.skip(f"this run has no {target}")
+    before = output.read_bytes()
+    extra = ["--user", "1"] if script is recommend else []
+    err = one_line_error(capsys, script.main, ["--checkpoint", str(checkpoint), option, str(output), *extra])
+    assert f"{option} {output} would overwrite" in err and output.read_bytes() == before

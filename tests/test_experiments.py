@@ -5,6 +5,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 import experiments
 from conftest import ROOT
@@ -56,20 +59,38 @@ def test_every_shipped_config_and_grid_loads():
             load_config(path, [])
 
 
-def test_ctrl_c_stops_the_sweep_and_the_same_command_goes_on(ml1m_dir, tmp_path):
-    """Ctrl-C reaches the sweep and its run together (one process group, as in a terminal)."""
+def run_processes_of(folder) -> list[str]:
+    """The command lines of the processes that still work in folder."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(folder) in line and "model_train.py" in line:
+            lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill -INT", "kill -TERM"])
+def test_a_signal_stops_the_sweep_and_its_run_and_the_same_command_goes_on(how, ml1m_dir, tmp_path):
+    """Ctrl-C (the terminal signals the sweep's process group), or a signal to the sweep alone."""
     argv = [sys.executable, str(ROOT / "experiments.py"), "--seeds", "1",
-            *sweep_args(ml1m_dir, tmp_path / "out", "trainer_config.num_epochs=3")]
+            *sweep_args(ml1m_dir, tmp_path / "out", "trainer_config.num_epochs=30", "trainer_config.patience=null")]
     sweep = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: (os.setsid(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
     last = tmp_path / "out" / "models" / "base-seed1" / "last.pt"
     while not last.exists() and sweep.poll() is None:
         time.sleep(0.1)
-    os.killpg(sweep.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(sweep.pid, signal.SIGINT)
+    else:
+        os.kill(sweep.pid, signal.SIGTERM if how == "kill -TERM" else signal.SIGINT)
     _, err = sweep.communicate(timeout=120)
     lines = [line.split("\r")[-1].strip() for line in err.splitlines()]
     assert sweep.returncode == 130 and any(line.startswith("interrupted: the run stopped during epoch") for line in lines)
     assert lines[-1] == "interrupted: the sweep stopped during training base-seed1; the same command goes on from there"
+    assert not run_processes_of(tmp_path / "out")
     again = subprocess.run(argv, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "base | 1 |" in (tmp_path / "out" / "results.md").read_text()

@@ -8,10 +8,10 @@ from conftest import validation_ndcg_against_most_rated
 from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig, TransformerConfig
 
 
-def sequence_model(vocab_size: int = 60, num_users: int = 5, context: int = 12, **kw) -> MovieLensTransformer:
-    tc = TransformerConfig(vocab_size=vocab_size, context_window_size=context, embedding_dimension=16, num_layers=2,
+def sequence_model(**kw) -> MovieLensTransformer:
+    tc = TransformerConfig(vocab_size=60, context_window_size=12, embedding_dimension=16, num_layers=2,
                            num_heads=2, embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
-    return MovieLensTransformer(MovieLensTransformerConfig(tc, num_users=num_users, user_embedding_dimension=8,
+    return MovieLensTransformer(MovieLensTransformerConfig(tc, num_users=5, user_embedding_dimension=8,
                                                            interaction_mlp_hidden_sizes=kw.pop("hidden", []),
                                                            mode="sequence", init="normal", **kw)).eval()
 
@@ -84,39 +84,6 @@ def test_short_sequence_run_learns(ml1m_dir, tmp_path, monkeypatch):
         f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=8", "trainer_config.patience=null",
         "trainer_config.eval_every=8", "trainer_config.batch_size=32", "trainer_config.warmup_steps=5",
         "model_config.transformer_config.context_window_size=32",
-        "model_config.transformer_config.embedding_dimension=32", "trainer_config.run_name=seq",
-        "trainer_config.compile=false"])  # test_train_step compiles the sequence mode's loss
+        "model_config.transformer_config.embedding_dimension=32", "trainer_config.run_name=seq"])
     ours, baseline = validation_ndcg_against_most_rated(model_train.train(config) / "last.pt")
     assert ours > 2 * baseline, (ours, baseline)
-
-
-def test_chunk_batches_are_cut_to_their_longest_chunk_and_train_every_target_once(ml1m_dir):
-    movielens = data.load_movielens(ml1m_dir)
-    chunks = data.SequenceChunks(movielens, context_window_size=32)
-    batches = list(chunks.batches(16, generator=torch.Generator().manual_seed(0)))
-    assert sum(int(b.loss_mask.sum()) for b in batches) == len(chunks)
-    widths = [b.movie_tokens.shape[1] for b in batches]
-    assert len(set(widths)) > 1 and max(widths) <= 32
-    for b in batches:  # the longest chunk fills its batch: no column is padding everywhere
-        assert not b.padding_mask[:, 0].all() and b.padding_mask.shape == b.loss_mask.shape == b.targets.shape
-    real = torch.cat([(~b.padding_mask).sum(1) for b in batches]).float()
-    spread = sum(float((~b.padding_mask).sum(1).float().std(unbiased=False)) for b in batches) / len(batches)
-    assert spread < 0.5 * float(real.std())  # chunks of similar length share a batch
-    chunks.length_step = 8
-    assert all(b.movie_tokens.shape[1] % 8 == 0 for b in chunks.batches(16, generator=torch.Generator()))
-
-
-def test_a_chunk_cut_to_its_real_length_has_the_loss_of_the_padded_one(ml1m_dir):
-    """Positions count back from the window's end, so cutting left padding changes nothing."""
-    from training import batch_loss, full_softmax_loss
-    movielens = data.load_movielens(ml1m_dir)
-    chunks = data.SequenceChunks(movielens, context_window_size=48).chunks(torch.Generator().manual_seed(1))
-    short = (~chunks.padding_mask).sum(1) <= 20
-    full = data.ChunkBatch(*(x[short] for x in chunks))
-    cut = data.ChunkBatch(*(x[:, -20:] if x.dim() == 2 else x for x in full))
-    model = sequence_model(vocab_size=movielens.metadata.vocab_size, num_users=movielens.metadata.num_users,
-                           context=48)
-    assert full.movie_tokens.shape[1] == 48 and bool(short.any())
-    a, n = batch_loss(model, full, full_softmax_loss)
-    b, m = batch_loss(model, cut, full_softmax_loss)
-    assert int(n) == int(m) and torch.allclose(a, b, atol=1e-5)

@@ -6,10 +6,10 @@ import torch
 
 import speed
 from config import TrainerConfig, build_model, load_config
-from data import MovieLensSequenceDataset, SequenceChunks, load_movielens
+from data import MovieLensSequenceDataset, load_movielens
 from kernels import dropout
 from training import (ModelLoss, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
-                      make_training_step, seed_epoch, train_step, weighed_by_share)
+                      make_training_step, seed_epoch, train_step)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -34,24 +34,6 @@ def test_compiled_loss_equals_eager_loss(ml1m_dir):
     assert torch.allclose(a, b, atol=1e-5)
     b.backward()
     assert model.transformer.token_embedding.weight.grad.abs().sum() > 0
-
-
-def test_compiled_sequence_loss_equals_eager_loss_at_each_length(ml1m_dir):
-    """The sequence mode's batches of several lengths (its buckets) through one compiled loss."""
-    data = load_movielens(ml1m_dir, cache=False)
-    config = small_config("model_config.mode=sequence", "model_config.transformer_config.context_window_size=16",
-                          "model_config.interaction_mlp_hidden_sizes=[]", "trainer_config.batch_size=32")
-    chunks = SequenceChunks(data, 16)
-    chunks.length_step = 4
-    by_length = {b.movie_tokens.shape[1]: b for b in chunks.batches(32, generator=torch.Generator().manual_seed(0))
-                 if len(b.user_tokens) == 32}
-    model = build_model(config, data.metadata)
-    eager = ModelLoss(model, full_softmax_loss)
-    compiled = speed.compiled_for_full_batches(eager, 32, CPU)
-    assert len(by_length) >= 2
-    for batch in by_length.values():
-        (a, n), (b, m) = eager(batch), compiled(batch)
-        assert int(n) == int(m) and torch.allclose(a, b, atol=1e-5)
 
 
 def steps(model, optimizer, schedule, n: int) -> None:
@@ -101,7 +83,7 @@ def test_cuda_graph_step_equals_the_eager_step(ml1m_dir):
         settings = speed.Speed(compile=False, bf16=False, cuda_graph=graphed)
         optimizer = make_optimizer(model, tc, CUDA, capturable=graphed)
         schedule = make_schedule(optimizer, tc, steps_per_epoch=10)
-        step = make_training_step(model, full_softmax_loss, optimizer, schedule, tc, settings, CUDA, train)
+        step = make_training_step(model, full_softmax_loss, optimizer, schedule, tc, settings, CUDA)
         for batch in list(train.batches(64))[:8]:
             step(batch)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*(m.parameters() for m in models)))
@@ -111,8 +93,7 @@ def test_speed_settings():
     fixed, varying = True, False
     with_compiler = speed.can_compile_for_cpu()
     assert speed.speed_settings(TrainerConfig(), CPU, fixed).compile == with_compiler
-    assert speed.speed_settings(TrainerConfig(), CPU, varying) == speed.Speed(
-        with_compiler, with_compiler and speed.has_cpu_bf16(), False)
+    assert speed.speed_settings(TrainerConfig(), CPU, varying) == speed.Speed(False, False, False)
     assert speed.speed_settings(TrainerConfig(), CUDA, fixed) == speed.Speed(True, True, True)
     assert speed.speed_settings(TrainerConfig(), CUDA, varying) == speed.Speed(False, True, False)
     assert speed.speed_settings(TrainerConfig(compile=False), CPU, fixed).bf16 is False
@@ -139,10 +120,9 @@ def test_without_a_working_compiler_the_cpu_trains_eagerly(monkeypatch, ml1m_dir
         data = load_movielens(ml1m_dir, cache=False)
         model = build_model(config, data.metadata)
         optimizer = make_optimizer(model, config.trainer_config, CPU)
-        train = MovieLensSequenceDataset(data, "train")
         step = make_training_step(model, full_softmax_loss, optimizer, make_schedule(optimizer, config.trainer_config, 1),
-                                  config.trainer_config, settings, CPU, train)
-        loss, n = step(next(train.batches(8)))
+                                  config.trainer_config, settings, CPU)
+        loss, n = step(next(MovieLensSequenceDataset(data, "train").batches(8)))
         assert n == 8 and loss > 0
     finally:
         speed.can_compile_for_cpu.cache_clear()
@@ -157,16 +137,3 @@ def test_each_process_draws_its_own_dropout_masks_and_a_resumed_epoch_the_same()
     assert torch.equal(mask(epoch=3, rank=0), mask(epoch=3, rank=0))  # resumed at epoch 3
     assert not torch.equal(mask(epoch=3, rank=0), mask(epoch=3, rank=1))
     assert not torch.equal(mask(epoch=3, rank=0), mask(epoch=4, rank=0))
-
-
-@pytest.mark.parametrize("world", [1, 2])
-def test_every_target_weighs_the_same_whatever_its_batch_size(world):
-    """The sequence mode's batches of 3 and of 300 targets: each batch's gradient is that of its
-    targets' sum over an average step's, as if the targets had been drawn into batches at random."""
-    weight = torch.ones(1, requires_grad=True)
-    for count in (3, 300):
-        losses = weight * torch.arange(count, dtype=torch.float32)
-        loss, n = weighed_by_share(lambda batch: (losses.mean(), count), targets_per_step=100.0, world=world)(None)
-        assert loss.item() == pytest.approx(losses.mean().item())  # the value stays the batch's mean
-        (gradient,) = torch.autograd.grad(loss, weight)
-        assert gradient.item() == pytest.approx(world * losses.sum().item() / 100.0)
