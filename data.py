@@ -185,13 +185,16 @@ def load_movielens(data_dir: str | Path, cache: bool = True) -> MovieLensData:
             logger.warning(f"ignoring unreadable cache {path}: {e}")
     data = tokenize(*read_movielens(data_dir))
     if cache:
+        tmp = path.with_name(f"{CACHE_NAME}.{os.getpid()}.tmp")
         try:
-            tmp = path.with_name(f"{CACHE_NAME}.{os.getpid()}.tmp")
             torch.save({"key": key, "metadata": data.metadata.to_dict(),
                         "tensors": [data.flat_tokens, data.flat_ratings, data.offsets, data.lengths]}, tmp)
             os.replace(tmp, path)
-        except OSError as e:
-            logger.warning(f"could not write the cache {path}: {e}")
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            logger.warning(f"could not write the cache {path} ({str(e).splitlines()[0]}); training goes on "
+                           "without it (trainer_config.cache: false turns it off)")
+        finally:
+            tmp.unlink(missing_ok=True)
     return data
 
 

@@ -148,3 +148,22 @@ def test_dataloader_items_and_fast_batches_agree(ml1m_dir):
     g = torch.Generator().manual_seed(0)
     seen = torch.cat([b.user_tokens for b in ds.batches(100, shuffle=True, generator=g)])
     assert sorted(seen.tolist()) == sorted(ds.user_tokens.tolist())
+
+
+@pytest.mark.parametrize("failure", ["folder", "save"])
+def test_a_cache_that_cannot_be_written_is_a_warning_and_leaves_nothing(tmp_path, monkeypatch, failure):
+    from loguru import logger
+    folder = write_ml1m(tmp_path / "ml-1m", num_users=20, num_movies=30)
+    if failure == "folder":
+        (folder / data.CACHE_NAME).mkdir()  # os.replace cannot put a file there
+    else:  # a read-only folder or a full disk: torch.save raises RuntimeError, not OSError
+        monkeypatch.setattr(torch, "save", lambda obj, path: (open(path, "wb").write(b"x"), (_ for _ in ()).throw(
+            RuntimeError("[enforce fail at inline_container.cc] unexpected pos"))))
+    warnings = []
+    sink = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
+    try:
+        assert data.load_movielens(folder).num_ratings > 0
+    finally:
+        logger.remove(sink)
+    assert any("could not write the cache" in w for w in warnings)
+    assert not list(folder.glob("*.tmp"))
