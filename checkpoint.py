@@ -8,13 +8,11 @@ numbers (the other draws are seeded anew each epoch: training.seed_epoch).
 from __future__ import annotations
 
 import copy
-
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-
-from dataclasses import asdict
 
 from config import Config, apply_overrides, build_model, config_from_dict, flat_settings, upgrade_saved_config
 from data import DatasetMetadata, MovieLensData, load_movielens
@@ -105,7 +103,13 @@ def data_for_checkpoint(config: Config, metadata: DatasetMetadata, data_dir: Opt
         config.trainer_config.data_dir = data_dir
     tc = config.trainer_config
     data = load_movielens(ensure_movielens(tc.data_dir), cache=tc.cache)
-    if data.metadata != metadata:
-        raise CheckpointError(f"{tc.data_dir} is not the data set this checkpoint was trained on "
-                              f"({metadata.name}, {metadata.num_users:,} users); give that folder with --data-dir")
+    check_same_data(metadata, data.metadata, "the checkpoint", tc.data_dir)
     return data
+
+
+def check_same_data(saved: DatasetMetadata, loaded: DatasetMetadata, what: str, data_dir: str) -> None:
+    """A CheckpointError naming both data sets when `what` was trained on other data than data_dir holds."""
+    if saved != loaded:
+        raise CheckpointError(f"{what} was trained on {saved.name} ({saved.num_users:,} users, {saved.num_movies:,} "
+                              f"movies); {data_dir} holds {loaded.name} ({loaded.num_users:,} users, "
+                              f"{loaded.num_movies:,} movies); give the folder it was trained on")

@@ -10,6 +10,7 @@ better NDCG@10. `--resume models/<run>` continues a run at its next epoch.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import time
 from dataclasses import asdict
@@ -23,11 +24,11 @@ from loguru import logger
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, resume_config, save_atomic
+from checkpoint import check_same_data, load_checkpoint, resume_config, save_atomic
 from config import DEFAULT_CONFIG, Config, TrainerConfig, build_model, flat_settings, load_config, make_datasets
 from data import DatasetMetadata, MovieLensData
 from distributed import Group, exit_process, gather, on_main, start, stop, sum_over_processes, wait_for_all
-from errors import CheckpointError, Interrupted, UserError, run_script
+from errors import Interrupted, UserError, run_script
 from files import atomic_write, write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
@@ -52,24 +53,24 @@ def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Gene
         targets += count
         diverged_at = torch.where((diverged_at < 0) & ~torch.isfinite(loss), step, diverged_at)
         if step % tc.log_every == 0:  # the only host syncs inside the epoch
-            if not group.is_distributed:  # (several processes stop together, below)
-                stop_if_diverged(diverged_at, total, epoch, tc)
+            if not group.is_distributed and int(diverged_at) >= 0:  # several processes stop together, below
+                raise diverged(epoch, int(diverged_at), tc)
             if writer:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 writer.add_scalar("loss/train_step", loss.item(), step)
     total, n = sum_over_processes(group, total, targets)
-    stop_if_diverged(diverged_at, torch.tensor(total), epoch, tc)
+    if not math.isfinite(total):  # summed over the processes: a loss that diverged on any of them
+        raise diverged(epoch, int(diverged_at), tc)
     return total / max(n, 1), n / (time.perf_counter() - start)
 
 
-def stop_if_diverged(diverged_at: torch.Tensor, total: torch.Tensor, epoch: int, tc: TrainerConfig) -> None:
-    """A UserError once the loss is not finite (a diverged run), before anything of it is saved."""
-    if bool(torch.isfinite(total)) and int(diverged_at) < 0:
-        return
-    where = f", first at step {int(diverged_at)}" if int(diverged_at) >= 0 else ""
+def diverged(epoch: int, step: int, tc: TrainerConfig) -> UserError:
+    """The error of a run whose loss is no longer finite, raised before anything of its epoch is saved;
+    step < 0: the loss diverged on another process."""
+    where = f", first at step {step}" if step >= 0 else ""
     clip = "lower trainer_config.grad_clip" if tc.grad_clip else "set trainer_config.grad_clip (e.g. 1.0)"
-    raise UserError(f"training diverged in epoch {epoch}: the loss is not finite{where}; lower "
-                    f"trainer_config.learning_rate ({tc.learning_rate:g}) or {clip}")
+    return UserError(f"training diverged in epoch {epoch}: the loss is not finite{where}; lower "
+                     f"trainer_config.learning_rate ({tc.learning_rate:g}) or {clip}")
 
 
 @torch.inference_mode()
@@ -148,11 +149,8 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
     state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
     if resume:
         checkpoint = load_checkpoint(resume / "last.pt")
-        if checkpoint["metadata"] != metadata.to_dict():
-            saved = DatasetMetadata.from_dict(checkpoint["metadata"])
-            raise CheckpointError(f"{resume / 'last.pt'} was trained on {saved.name} ({saved.num_users:,} users, "
-                                  f"{saved.num_movies:,} movies); {tc.data_dir} holds {metadata.name} "
-                                  f"({metadata.num_users:,} users, {metadata.num_movies:,} movies); resume on that data")
+        check_same_data(DatasetMetadata.from_dict(checkpoint["metadata"]), metadata, str(resume / "last.pt"),
+                        tc.data_dir)
         model.load_state_dict(checkpoint["model"])
         resume_optimizer(optimizer, schedule, checkpoint, tc)
         generator.set_state(checkpoint["generator"])
@@ -225,10 +223,10 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
 def finished(state: dict, tc: TrainerConfig) -> str:
     """Why a run has nothing left to train ("" while it has)."""
     if state["epoch"] >= tc.num_epochs:
-        return (f"trained all {tc.num_epochs} epochs of trainer_config.num_epochs; raise it (--set) to train on")
+        return f"trained all {tc.num_epochs} epochs of trainer_config.num_epochs; raise it (--set) to train on"
     if tc.patience is not None and state["stale"] >= tc.patience:
         return (f"stopped early after epoch {state['epoch']} (no better validation NDCG@10 for {tc.patience} "
-                "evaluations); raise trainer_config.patience, or set it to null, to train on")
+                f"evaluations); raise trainer_config.patience, or set it to null, to train on")
     return ""
 
 

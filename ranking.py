@@ -54,9 +54,8 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Te
     target whose score is NaN is a miss, never first.
     """
     excluded = excluded.view(torch.uint8)  # the same bytes, which inductor's kernels load faster than bool
-    missed = scores.gather(1, targets[:, None])[:, 0].isnan()
-    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     target_score = scores.gather(1, targets[:, None])
+    missed = target_score[:, 0].isnan()  # a NaN elsewhere is neither > nor == the target's score: never ahead
     index = torch.arange(scores.shape[1], device=scores.device)
     ahead = (scores > target_score) | ((scores == target_score) & (index < targets[:, None]))
     rank = (ahead & (excluded == 0)).sum(1)

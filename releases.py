@@ -331,8 +331,8 @@ def read_movielens(data_dir: str | Path) -> tuple[str, pd.DataFrame, pd.DataFram
         raise DataError(f"{ratings_file} holds no ratings; restore the file, or download the data set again")
     user_ids = read_users(data_dir / fmt.users, fmt) if fmt.users else np.unique(ratings.user_id.to_numpy())
     users = pd.DataFrame({"user_id": user_ids})
-    for frame, key, file, header in ((users, "user_id", fmt.users, False),
-                                     (movies, "movie_id", fmt.movies, bool(fmt.movies_header))):
+    listed = [(users, "user_id", fmt.users, False)] if fmt.users else []  # else the users are those who rated
+    for frame, key, file, header in [*listed, (movies, "movie_id", fmt.movies, bool(fmt.movies_header))]:
         duplicated = frame[key].duplicated().to_numpy()
         if duplicated.any():
             raise MovieLensFormatError(f"{data_dir / file}, line {np.argmax(duplicated) + 1 + header}: "
