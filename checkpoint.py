@@ -57,7 +57,7 @@ def saved_config(checkpoint: dict, overrides: list[str] = (), source: str = "che
 RESUMABLE = {f"trainer_config.{key}" for key in (
     "num_epochs", "patience", "eval_every", "log_every", "learning_rate", "lr_schedule", "warmup_steps", "min_lr_ratio",
     "grad_clip", "weight_decay", "label_smoothing", "eval_batch_size", "loss_chunk_rows", "device", "compile", "bf16",
-    "cuda_graph", "cache", "data_dir")}
+    "cuda_graph", "pack_chunks", "cache", "data_dir")}
 
 
 def resume_config(checkpoint: dict, overrides: list[str], source: str) -> tuple[Config, list[str]]:

@@ -56,6 +56,7 @@ class TrainerConfig:
     compile: Optional[bool] = None       # torch.compile the training loss and validation
     bf16: Optional[bool] = None          # bf16 autocast in the training loss
     cuda_graph: Optional[bool] = None    # replay the whole training step as one CUDA graph
+    pack_chunks: bool = True             # sequence mode: a batch's short chunks share rows, not padding
     seed: int = 42
     tensorboard_dir: str = "runs"
     model_dir: str = "models"
@@ -336,7 +337,7 @@ def make_datasets(config: Config, data: Optional[MovieLensData] = None) -> dict:
     if c > longest + 1:
         raise ConfigError(f"{key} is {c} (from {origin(config, key)}), longer than every history in {tc.data_dir} "
                           f"(the longest: {longest:,} ratings); it must be at most {longest + 1:,} (SOS included)")
-    datasets["train"] = (SequenceChunks(data, c) if mc.mode == "sequence" else
+    datasets["train"] = (SequenceChunks(data, c, tc.pack_chunks) if mc.mode == "sequence" else
                          MovieLensSequenceDataset(data, "train", c, tc.window_stride, tc.split, tc.seed))
     if len(datasets["train"]) == 0:
         raise ConfigError(f"no training targets in {tc.data_dir} with {key} {c} (from {origin(config, key)}); "

@@ -332,7 +332,7 @@ class MovieLensSequenceDataset(Dataset):
     that may already sit on the training device.
     """
 
-    fixed_batch_shapes = True  # every full batch has one shape: it can be compiled and CUDA-graphed
+    batch_shapes = "fixed"  # every full batch has one shape: it can be compiled and CUDA-graphed
     TENSORS = ("user_tokens", "positions", "next_movie", "next_rating")  # one row per target
 
     def __init__(self, data: MovieLensData | str | Path, subset: str = "train",
@@ -444,13 +444,65 @@ class MovieLensSequenceDataset(Dataset):
 # ----------------------------------------------------------------------------- chunks (sequence mode)
 
 class ChunkBatch(NamedTuple):
-    """Chunks of users' histories, a target at every position: what the sequence mode trains on."""
+    """Chunks of users' histories, a target at every position: what the sequence mode trains on.
 
-    movie_tokens: torch.Tensor  # [B, T] inputs, left-padded
-    user_tokens: torch.Tensor   # [B]
-    targets: torch.Tensor       # [B, T] the movie token after each input position
-    loss_mask: torch.Tensor     # [B, T] positions whose target this chunk trains on
-    padding_mask: torch.Tensor  # [B, T] positions before the user's SOS
+    A row holds one chunk, left-padded to the context (SequenceChunks.chunks), or several chunks
+    side by side (packed_batch). Each position carries its chunk's user, its position in that
+    chunk's left-padded frame (what the position embedding reads) and which chunk of the row it
+    belongs to, so a packed row computes exactly what its chunks' padded rows would.
+    """
+
+    movie_tokens: torch.Tensor  # [R, T] inputs
+    user_tokens: torch.Tensor   # [R, T] the user of each position's chunk
+    positions: torch.Tensor     # [R, T] each input's position in its chunk's left-padded frame
+    segments: torch.Tensor      # [R, T] which chunk of the batch each position belongs to; -1: padding
+    targets: torch.Tensor       # [R, T] the movie token after each input position
+    loss_mask: torch.Tensor     # [R, T] positions whose target this chunk trains on
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        """Bool [R, T]: True at positions that hold no input (before a user's SOS, or a row's free end)."""
+        return self.segments < 0
+
+
+PAD_VALUES = ChunkBatch(0, 0, 0, -1, 0, False)  # what a packed row holds where no chunk is
+
+
+def pack_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chunks into rows of `width` positions, first-fit decreasing, every batch at once.
+
+    lengths [N, B]: the real length of each of the B chunks of N batches (0: no chunk). Returns
+    the row of its batch that each chunk goes to and its first column there, [N, B] each, and each
+    batch's number of rows [N]. The loop runs over a batch's B chunks, largest first, never over
+    the batches."""
+    n, b = lengths.shape
+    order = np.argsort(-lengths, axis=1, kind="stable")
+    fill = np.zeros((n, b), dtype=np.int64)  # the columns used in each batch's rows
+    row, column = np.zeros((n, b), dtype=np.int64), np.zeros((n, b), dtype=np.int64)
+    batches = np.arange(n)
+    for j in range(b):
+        chunk = order[:, j]
+        length = lengths[batches, chunk]
+        first = np.argmax(fill + length[:, None] <= width, axis=1)  # an empty row always has room
+        row[batches, chunk], column[batches, chunk] = first, fill[batches, first]
+        fill[batches, first] += length
+    return row, column, (fill > 0).sum(1)
+
+
+def packed_batch(chunks: ChunkBatch, row: torch.Tensor, column: torch.Tensor, rows: int) -> ChunkBatch:
+    """The left-padded chunks of one batch moved into `rows` rows: chunk i's real positions
+    start at column[i] of row[i] (pack_rows' plan); its segment is i."""
+    width = chunks.movie_tokens.shape[1]
+    real = ~chunks.padding_mask
+    shift = row * width + column - (width - real.sum(1)) + 0  # destination minus source, per chunk
+    destination = (shift[:, None] + torch.arange(width, device=shift.device))[real]
+    segments = torch.arange(len(row), device=row.device)[:, None].expand(-1, width)
+    packed = []
+    for tensor, pad in zip(chunks._replace(segments=segments), PAD_VALUES):
+        out = torch.full((rows * width,), pad, dtype=tensor.dtype, device=tensor.device)
+        out[destination] = tensor[real]
+        packed.append(out.view(rows, width))
+    return ChunkBatch(*packed)
 
 
 class SequenceChunks:
@@ -461,13 +513,17 @@ class SequenceChunks:
     each epoch; every training target is trained on exactly once per epoch, each with the full
     context before it. Only leave_one_out training targets are used: a user's validation and
     test targets are never inputs or targets here.
+
+    packed: the chunks of a batch share rows where they fit (pack_rows), so that almost no
+    computed position is padding (ML-1M at context 200: 57% real in left-padded rows, 98% packed);
+    a batch holds the same chunks either way, and computes the same function.
     """
 
-    fixed_batch_shapes = False  # the number of trained positions varies from batch to batch
-
-    def __init__(self, data: MovieLensData, context_window_size: int):
+    def __init__(self, data: MovieLensData, context_window_size: int, packed: bool = True):
         self.data, self.metadata = data, data.metadata
-        self.context_window_size = context_window_size
+        self.context_window_size, self.packed = context_window_size, packed
+        # packed: rows and trained positions vary; else the trained positions only
+        self.batch_shapes = "packed" if packed else "varying"
         self.last_target = last_training_position(data.lengths.numpy())
         self.device = torch.device("cpu")
 
@@ -506,19 +562,35 @@ class SequenceChunks:
         position = end[:, None] - c + 1 + np.arange(c)  # target positions
         offsets, flat = self.data.offsets, self.data.flat_tokens
         user, end = torch.from_numpy(user), torch.from_numpy(end)
-        tensors = (flat[window_index(offsets, user, end, c)], user, flat[window_index(offsets, user, end + 1, c)],
-                   torch.from_numpy((position > lower[:, None]) & (position >= 1)), torch.from_numpy(position - 1 < 0))
+        padding = torch.from_numpy(position - 1 < 0)
+        tensors = (flat[window_index(offsets, user, end, c)], user[:, None].expand(-1, c),
+                   torch.arange(c).expand(len(user), -1), torch.where(padding, -1, 0),
+                   flat[window_index(offsets, user, end + 1, c)],
+                   torch.from_numpy((position > lower[:, None]) & (position >= 1)))
         return ChunkBatch(*(t.to(self.device) for t in tensors))
 
     def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None,
                 rank: int = 0, world: int = 1) -> Iterator[ChunkBatch]:
         """Batches of `batch_size` chunks, freshly cut and shuffled each call (this process's
-        share of them with `world` processes, as MovieLensSequenceDataset.batches)."""
+        share of them with `world` processes, as MovieLensSequenceDataset.batches); packed (see
+        the class) or each chunk a left-padded row of its own."""
         generator = generator or torch.Generator().manual_seed(0)
         chunks = self.chunks(generator)
         n = len(chunks.user_tokens)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        order = order.to(self.device)
-        for start in shared_starts(n, batch_size, rank, world):
-            index = order[start:start + batch_size]
-            yield ChunkBatch(*(t[index] for t in chunks))
+        starts = shared_starts(n, batch_size, rank, world)
+        if not self.packed:
+            order = order.to(self.device)
+            for start in starts:
+                index = order[start:start + batch_size]
+                yield ChunkBatch(*(t[index] for t in chunks))
+            return
+        slots = torch.tensor(starts)[:, None] + torch.arange(batch_size)  # [batches, batch_size]
+        index = order[slots.clamp(max=n - 1)]
+        lengths = torch.where(slots < n, (~chunks.padding_mask).sum(1).cpu()[index], 0)
+        row, column, rows = (torch.from_numpy(a) for a in pack_rows(lengths.numpy(), self.context_window_size))
+        index, row, column = (t.to(self.device) for t in (index, row, column))
+        for i, (start, count) in enumerate(zip(starts, rows.tolist())):
+            size = min(batch_size, n - start)
+            part = ChunkBatch(*(t[index[i, :size]] for t in chunks))
+            yield packed_batch(part, row[i, :size], column[i, :size], count)

@@ -4,8 +4,9 @@ an interaction MLP from [movie states || user embedding] to logits over all movi
 Two modes share these parts. `window` (the post's): the states of the whole window, each beside
 the user embedding, are flattened into one MLP input that predicts the next movie. `sequence`:
 the Transformer reads a user's history up to `context_window_size` (left-padded, with a padding
-mask), and [state || user embedding] at every position goes through the MLP to predict the
-movie after that position; prediction uses the last position.
+mask; in training several short histories may share a row, each attending only to itself), and
+[state || user embedding] at every position goes through the MLP to predict the movie after that
+position; prediction uses the last position.
 """
 from __future__ import annotations
 
@@ -109,22 +110,36 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(CausalTransformerBlock(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.embedding_dimension)
 
-    def forward(self, movie_tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """padding_mask: bool [B, T], True at left-padding positions, which no query attends."""
+    def forward(self, movie_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """positions [B, T]: each input's position-embedding index (default 0..T-1); segments
+        [B, T]: which sequence of its row each position belongs to, -1 at padding (default: one
+        sequence a row, no padding). A position attends to the earlier ones of its own segment."""
         t = movie_tokens.shape[1]
         if t > self.config.context_window_size:
             raise ValueError(f"input of length {t} exceeds context_window_size "
                              f"{self.config.context_window_size}")
-        positions = torch.arange(t, device=movie_tokens.device)
+        if positions is None:
+            positions = torch.arange(t, device=movie_tokens.device)
         x = self.dropout(self.token_embedding(movie_tokens) + self.position_embedding(positions))
-        mask = None
-        if padding_mask is not None:
-            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            # padded queries attend to themselves only, so no row of the softmax is empty
-            mask = (causal & ~padding_mask[:, None, None, :]) | torch.eye(t, dtype=torch.bool, device=x.device)
+        mask = None if segments is None else attention_mask(segments)
         for layer in self.layers:
             x = layer(x, mask)
         return self.ln_f(x)
+
+
+def attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, T, T], True where a query may attend: the earlier positions of its own segment
+    (segments [B, T], -1 at padding). Padding attends to itself only, so no softmax row is empty."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments >= 0)[:, None, :]
+    return ((causal & same) | torch.eye(t, dtype=torch.bool, device=segments.device))[:, None]
+
+
+def segments_of(padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The segments of left-padded rows, one sequence each: -1 at padding, else 0."""
+    return None if padding_mask is None else -padding_mask.long()
 
 
 class InteractionMLP(nn.Module):
@@ -166,10 +181,13 @@ class MovieLensTransformer(nn.Module):
             self.interaction_mlp.net[-1].weight = self.transformer.token_embedding.weight
 
     def _features(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor,
-                  padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """[state || user embedding] at every position: [B, T, d + du]."""
-        states = self.transformer(movie_tokens, padding_mask)
-        users = self.user_embedding(user_tokens)[:, None, :].expand(-1, movie_tokens.shape[1], -1)
+                  positions: Optional[torch.Tensor], segments: Optional[torch.Tensor]) -> torch.Tensor:
+        """[state || user embedding] at every position: [B, T, d + du]; user_tokens [B] (one
+        user a row) or [B, T] (a user per position)."""
+        states = self.transformer(movie_tokens, positions, segments)
+        users = self.user_embedding(user_tokens)
+        if user_tokens.dim() == 1:
+            users = users[:, None, :].expand(-1, movie_tokens.shape[1], -1)
         return torch.cat([states, users], dim=-1)
 
     def hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor,
@@ -181,16 +199,18 @@ class MovieLensTransformer(nn.Module):
         the post's window model reads the whole window, its SOS padding included, as tokens."""
         b, t = movie_tokens.shape
         if self.config.mode == "sequence":
-            return self.interaction_mlp.hidden(self._features(movie_tokens, user_tokens, padding_mask)[:, -1])
+            features = self._features(movie_tokens, user_tokens, None, segments_of(padding_mask))
+            return self.interaction_mlp.hidden(features[:, -1])
         if t != self.config.transformer_config.context_window_size:
             raise ValueError(f"window of length {t}; the model takes exactly "
                              f"{self.config.transformer_config.context_window_size}")
-        return self.interaction_mlp.hidden(self._features(movie_tokens, user_tokens, None).reshape(b, -1))
+        return self.interaction_mlp.hidden(self._features(movie_tokens, user_tokens, None, None).reshape(b, -1))
 
-    def sequence_hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, padding_mask: torch.Tensor,
-                        select: torch.Tensor) -> torch.Tensor:
-        """[N, H]: the last hidden layer at the N positions where select is True (sequence mode)."""
-        return self.interaction_mlp.hidden(self._features(movie_tokens, user_tokens, padding_mask)[select])
+    def sequence_hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: torch.Tensor,
+                        segments: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """[N, H]: the last hidden layer at the N positions where select is True (sequence mode),
+        of rows that may hold several sequences (Transformer.forward's positions and segments)."""
+        return self.interaction_mlp.hidden(self._features(movie_tokens, user_tokens, positions, segments)[select])
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -202,10 +222,11 @@ class MovieLensTransformer(nn.Module):
         """[B, vocab] logits for the movie after each input window (see hidden)."""
         return self.interaction_mlp.net[-1](self.hidden(movie_tokens, user_tokens, padding_mask))
 
-    def sequence_logits(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor,
-                        padding_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    def sequence_logits(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: torch.Tensor,
+                        segments: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
         """[N, vocab] logits at the N positions where select is True (sequence mode)."""
-        return self.interaction_mlp.net[-1](self.sequence_hidden(movie_tokens, user_tokens, padding_mask, select))
+        hidden = self.sequence_hidden(movie_tokens, user_tokens, positions, segments, select)
+        return self.interaction_mlp.net[-1](hidden)
 
 
 def _init_weights(module: nn.Module, fill) -> None:

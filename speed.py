@@ -5,7 +5,8 @@ Each switch is a trainer_config key whose null means "decide from the device":
 - compile: torch.compile of the training loss (model and cross-entropy in one graph, so the
   softmax over all movies fuses with the loss) and of validation. On by default where batches
   have one fixed shape (the window mode) on CUDA, and on a CPU where inductor can build kernels
-  (it needs a C++ compiler).
+  (it needs a C++ compiler) for those and for packed chunks (the sequence mode), whose varying
+  rows it compiles once with dynamic shapes.
 - bf16: autocast of the training loss. On by default on CUDA, and for a compiled loss on a CPU
   with bf16 arithmetic (AVX512-BF16 or AMX).
 - cuda_graph: the whole step (forward, backward, Adam) captured once and replayed, one launch a
@@ -24,6 +25,7 @@ import torch
 from loguru import logger
 
 from config import TrainerConfig
+from data import ChunkBatch
 from errors import ConfigError
 
 Step = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]  # a batch -> (mean loss, its targets)
@@ -40,17 +42,19 @@ class Speed:
                          (("compile", self.compile), ("bf16", self.bf16), ("CUDA graph", self.cuda_graph)))
 
 
-def speed_settings(tc: TrainerConfig, device: torch.device, fixed_batch_shapes: bool,
-                   distributed: bool = False) -> Speed:
-    """The speed settings for this config, device and kind of training batches (and whether
-    several processes train together: their gradients' averaging is not captured in a graph)."""
+def speed_settings(tc: TrainerConfig, device: torch.device, batch_shapes: str, distributed: bool = False) -> Speed:
+    """The speed settings for this config, device and kind of training batches (the data set's
+    batch_shapes: "fixed", "packed" or "varying"), and whether several processes train together
+    (their gradients' averaging is not captured in a graph)."""
     cuda, cpu = device.type == "cuda", device.type == "cpu"
-    if tc.cuda_graph and not (cuda and fixed_batch_shapes and not distributed):
+    fixed = batch_shapes == "fixed"
+    if tc.cuda_graph and not (cuda and fixed and not distributed):
         raise ConfigError("trainer_config.cuda_graph needs a CUDA device, batches of one shape "
                           "(model_config.mode: window) and one process")
-    compile = fixed_batch_shapes and (cuda or cpu and can_compile_for_cpu()) if tc.compile is None else tc.compile
+    compiles_well = fixed and cuda or (fixed or batch_shapes == "packed") and cpu and can_compile_for_cpu()
+    compile = compiles_well if tc.compile is None else tc.compile
     bf16 = cuda or compile and cpu and has_cpu_bf16() if tc.bf16 is None else tc.bf16
-    cuda_graph = cuda and fixed_batch_shapes and not distributed if tc.cuda_graph is None else tc.cuda_graph
+    cuda_graph = cuda and fixed and not distributed if tc.cuda_graph is None else tc.cuda_graph
     return Speed(compile, bf16, cuda_graph)
 
 
@@ -75,8 +79,9 @@ def has_cpu_bf16() -> bool:
 
 
 def is_full(batch, batch_size: int) -> bool:
-    """A batch of batch_size rows: the one shape that is compiled and captured as a CUDA graph."""
-    return len(batch.user_tokens) == batch_size
+    """A batch of batch_size windows: the one shape that is compiled and captured as a CUDA graph.
+    Every batch of chunks counts as full: its rows vary anyway, and are compiled with dynamic shapes."""
+    return isinstance(batch, ChunkBatch) or len(batch.user_tokens) == batch_size
 
 
 def in_bf16(fn: Step, device: torch.device, enabled: bool) -> Step:

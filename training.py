@@ -43,7 +43,8 @@ def batch_loss(model: torch.nn.Module, batch, loss: Loss) -> tuple[torch.Tensor,
     """(mean loss, number of targets) of a data.Batch (one target a window) or a data.ChunkBatch
     (a target at every trained position)."""
     if isinstance(batch, ChunkBatch):
-        hidden = model.sequence_hidden(batch.movie_tokens, batch.user_tokens, batch.padding_mask, batch.loss_mask)
+        hidden = model.sequence_hidden(batch.movie_tokens, batch.user_tokens, batch.positions, batch.segments,
+                                      batch.loss_mask)
         return loss(hidden, model.output_weight, batch.targets[batch.loss_mask]), batch.loss_mask.sum()
     hidden = model.hidden(batch.movie_tokens, batch.user_tokens, batch.padding_mask)
     return loss(hidden, model.output_weight, batch.next_movie), len(batch.next_movie)

@@ -115,7 +115,7 @@ def trainer_step(model, config: Config, dataset, device: torch.device) -> Step:
     """The trainer's training step for this model: its optimizer, schedule and loss, at the
     trainer's speed settings."""
     tc = config.trainer_config
-    speed = speed_settings(tc, device, dataset.fixed_batch_shapes)
+    speed = speed_settings(tc, device, dataset.batch_shapes)
     optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
     schedule = make_schedule(optimizer, tc, dataset.num_batches(tc.batch_size))
     return make_training_step(model, make_loss(tc, dataset), optimizer, schedule, tc, speed, device)
@@ -281,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     test_set = datasets["test"].to(device)
     model.eval()
-    speed = speed_settings(config.trainer_config, device, train_set.fixed_batch_shapes)
+    speed = speed_settings(config.trainer_config, device, train_set.batch_shapes)
     compiled = speed.compile
     scorer = model_scorer(model, compiled)
     ours["eval_first_s"] = len(test_set) / eval_fast(scorer, test_set, compiled)  # compilation included

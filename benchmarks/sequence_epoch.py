@@ -64,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     config = load_config(args.config, [*args.overrides, f"trainer_config.data_dir={args.data_dir}"])
     tc, device = config.trainer_config, pick_device(args.device)
     train_set = make_datasets(config)["train"].to(device)
-    settings = speed_settings(tc, device, train_set.fixed_batch_shapes)
+    settings = speed_settings(tc, device, train_set.batch_shapes)
     torch.manual_seed(tc.seed)
     model = build_model(config, train_set.metadata).to(device).train()
     optimizer = make_optimizer(model, tc, device, capturable=settings.cuda_graph)
@@ -76,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     # the first step allocates the optimizer's state; compiled, each batch length compiles once
     # per run, not per epoch, so one step of each is taken before the clock starts
-    warm_up = {b.movie_tokens.shape[1]: b for b in batches} if settings.compile else {0: batches[0]}
+    warm_up = {b.movie_tokens.shape: b for b in batches} if settings.compile else {0: batches[0]}
     for batch in warm_up.values():
         step(batch)
     sync(device)

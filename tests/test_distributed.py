@@ -69,7 +69,9 @@ def test_sequence_mode_weighs_each_target_once_over_processes(even_data, tmp_pat
     one, two = one_and_two_processes(tmp_path, even_data, 128, *sequence)
     a, b = load_checkpoint(one / "last.pt"), load_checkpoint(two / "last.pt")
     assert a["schedule"]["last_epoch"] == b["schedule"]["last_epoch"] == 2
-    assert all(torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=5e-5) for k in a["model"])
+    # packed rows sum in another order than one process's: Adam's noise reaches ~7e-5 here; a
+    # share weighed wrongly moves weights by ~1e-3 (learning rate 0.01)
+    assert all(torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=2e-4) for k in a["model"])
 
 
 def test_sharded_validation_equals_one_process_and_resume_continues(even_data, tmp_path):

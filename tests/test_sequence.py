@@ -1,31 +1,33 @@
 """The sequence training mode: causal per-position prediction over a user's history."""
+import numpy as np
 import torch
 
 import data
 import model_train
-from config import DEFAULT_CONFIG, load_config
+from config import DEFAULT_CONFIG, TrainerConfig, load_config
 from conftest import validation_ndcg_against_most_rated
 from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig, TransformerConfig
+from training import batch_loss, make_loss
 
 
-def sequence_model(**kw) -> MovieLensTransformer:
-    tc = TransformerConfig(vocab_size=60, context_window_size=12, embedding_dimension=16, num_layers=2,
+def sequence_model(context: int = 12, vocab: int = 60, users: int = 5, **kw) -> MovieLensTransformer:
+    tc = TransformerConfig(vocab_size=vocab, context_window_size=context, embedding_dimension=16, num_layers=2,
                            num_heads=2, embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
-    return MovieLensTransformer(MovieLensTransformerConfig(tc, num_users=5, user_embedding_dimension=8,
+    return MovieLensTransformer(MovieLensTransformerConfig(tc, num_users=users, user_embedding_dimension=8,
                                                            interaction_mlp_hidden_sizes=kw.pop("hidden", []),
                                                            mode="sequence", init="normal", **kw)).eval()
 
 
 def test_logits_at_t_ignore_later_inputs():
     model = sequence_model()
-    x, users = torch.randint(0, 58, (3, 12)), torch.tensor([0, 2, 4])
-    pad = torch.zeros(3, 12, dtype=torch.bool)
+    x, users = torch.randint(0, 58, (3, 12)), torch.tensor([0, 2, 4])[:, None].expand(-1, 12)
+    positions, segments = torch.arange(12).expand(3, -1), torch.zeros(3, 12, dtype=torch.long)
     everywhere = torch.ones(3, 12, dtype=torch.bool)
     for t in (0, 5, 10):
         y = x.clone()
         y[:, t + 1:] = (y[:, t + 1:] + 7) % 58
-        a = model.sequence_logits(x, users, pad, everywhere).view(3, 12, -1)
-        b = model.sequence_logits(y, users, pad, everywhere).view(3, 12, -1)
+        a = model.sequence_logits(x, users, positions, segments, everywhere).view(3, 12, -1)
+        b = model.sequence_logits(y, users, positions, segments, everywhere).view(3, 12, -1)
         assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-5)
         assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
 
@@ -38,7 +40,9 @@ def test_padding_is_invisible_to_real_positions():
     y = x.clone()
     y[:, :4] = (y[:, :4] + 11) % 58
     assert torch.allclose(model(x, users, pad), model(y, users, pad), atol=1e-5)
-    assert torch.isfinite(model.sequence_logits(x, users, pad, torch.ones_like(pad))).all()
+    positions, segments = torch.arange(12).expand(2, -1), -pad.long()
+    logits = model.sequence_logits(x, users[:, None].expand(-1, 12), positions, segments, torch.ones_like(pad))
+    assert torch.isfinite(logits).all()
 
 
 def test_tied_output_layer_is_the_movie_embedding():
@@ -58,7 +62,7 @@ def test_chunks_cover_each_training_target_once_and_never_held_out_items(ml1m_di
     assert not torch.equal(first.loss_mask, second.loss_mask) or len(first.loss_mask) != len(second.loss_mask)
     for chunk in (first, second):
         for u in range(movielens.metadata.num_users):
-            rows = chunk.user_tokens == u
+            rows = chunk.user_tokens[:, 0] == u
             held = {int(validation.next_movie[u]), int(test.next_movie[u])}
             real_inputs = chunk.movie_tokens[rows][~chunk.padding_mask[rows]]
             assert not held & set(real_inputs.tolist())
@@ -87,3 +91,40 @@ def test_short_sequence_run_learns(ml1m_dir, tmp_path, monkeypatch):
         "model_config.transformer_config.embedding_dimension=32", "trainer_config.run_name=seq"])
     ours, baseline = validation_ndcg_against_most_rated(model_train.train(config) / "last.pt")
     assert ours > 2 * baseline, (ours, baseline)
+
+
+def test_rows_are_packed_first_fit_decreasing_without_overlap():
+    row, column, rows = data.pack_rows(np.array([[150, 60, 50, 40, 200], [3, 0, 0, 0, 0]]), width=200)
+    assert rows.tolist() == [3, 1]
+    # 200 fills a row, 150 + 50 another, 60 + 40 the third
+    assert row[0].tolist() == [1, 2, 1, 2, 0] and column[0].tolist() == [0, 0, 150, 60, 0]
+    lengths = np.random.default_rng(0).integers(1, 33, size=(20, 16))
+    row, column, rows = data.pack_rows(lengths, width=32)
+    for b in range(20):
+        used = np.zeros((16, 32), dtype=int)
+        for r, c, n in zip(row[b], column[b], lengths[b]):
+            used[r, c:c + n] += 1
+            assert c + n <= 32
+        assert used.max() == 1 and rows[b] == row[b].max() + 1 < 16
+
+
+def test_packed_batches_train_as_left_padded_rows(ml1m_dir):
+    """The same chunks packed into fewer rows give the same loss and gradients, every target once."""
+    movielens = data.load_movielens(ml1m_dir)
+    padded, packed = (list(data.SequenceChunks(movielens, 24, packed=p).batches(16, generator=torch.Generator()
+                                                                               .manual_seed(3))) for p in (False, True))
+    assert sum(len(b.movie_tokens) for b in packed) < 0.8 * sum(len(b.movie_tokens) for b in padded)
+    model = sequence_model(context=24, vocab=movielens.metadata.vocab_size, users=movielens.metadata.num_users)
+    loss = make_loss(TrainerConfig(), None)
+    for a, b in zip(padded, packed):
+        assert int(a.loss_mask.sum()) == int(b.loss_mask.sum())
+        assert torch.equal(a.targets[a.loss_mask].sort().values, b.targets[b.loss_mask].sort().values)
+        gradients = []
+        for batch in (a, b):
+            model.zero_grad()
+            value, _ = batch_loss(model, batch, loss)
+            value.backward()
+            gradients.append([p.grad.clone() for p in model.parameters()])
+        assert torch.allclose(*(batch_loss(model, batch, loss)[0] for batch in (a, b)), atol=1e-5)
+        for ga, gb in zip(*gradients):
+            assert torch.allclose(ga, gb, atol=1e-6)

@@ -90,10 +90,12 @@ def test_cuda_graph_step_equals_the_eager_step(ml1m_dir):
 
 
 def test_speed_settings():
-    fixed, varying = True, False
+    fixed, packed, varying = "fixed", "packed", "varying"
     with_compiler = speed.can_compile_for_cpu()
     assert speed.speed_settings(TrainerConfig(), CPU, fixed).compile == with_compiler
+    assert speed.speed_settings(TrainerConfig(), CPU, packed).compile == with_compiler
     assert speed.speed_settings(TrainerConfig(), CPU, varying) == speed.Speed(False, False, False)
+    assert speed.speed_settings(TrainerConfig(), CUDA, packed) == speed.Speed(False, True, False)
     assert speed.speed_settings(TrainerConfig(), CUDA, fixed) == speed.Speed(True, True, True)
     assert speed.speed_settings(TrainerConfig(), CUDA, varying) == speed.Speed(False, True, False)
     assert speed.speed_settings(TrainerConfig(compile=False), CPU, fixed).bf16 is False
@@ -115,7 +117,7 @@ def test_without_a_working_compiler_the_cpu_trains_eagerly(monkeypatch, ml1m_dir
     monkeypatch.setattr(torch, "compile", broken)
     try:
         config = small_config()
-        settings = speed.speed_settings(config.trainer_config, CPU, fixed_batch_shapes=True)
+        settings = speed.speed_settings(config.trainer_config, CPU, "fixed")
         assert not settings.compile
         data = load_movielens(ml1m_dir, cache=False)
         model = build_model(config, data.metadata)
