@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -44,3 +45,38 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+
+def take_lock(path: Path, what: str) -> Callable[[], None]:
+    """Hold the lock file `path` (an flock, which the system releases when its process ends, so a
+    killed process leaves no stale lock), its text this process's id; or refuse with a UserError
+    naming the process that holds it. Returns the function that releases it. `what` names the
+    locked thing in messages."""
+    path = Path(path)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise write_error(path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{what} is in use by process {holder} (lock file {path}); wait for it to end, "
+                            "or choose another trainer_config.run_name") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else its holder released and removed it while this process waited: take the new one
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+
+    def release() -> None:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+    return release

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from config import DEFAULT_CONFIG, Config, TrainerConfig, build_model, flat_sett
 from data import DatasetMetadata, MovieLensData
 from distributed import Group, exit_process, gather, on_main, start, stop, sum_over_processes, wait_for_all
 from errors import Interrupted, UserError, run_script
-from files import atomic_write, write_error
+from files import atomic_write, take_lock, write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
 from speed import Step, speed_settings
@@ -96,7 +96,6 @@ def open_run(tc: TrainerConfig, resume: Optional[Path]) -> tuple[Path, Path]:
         for stale in resume.glob(".*.tmp"):
             stale.unlink()
         return resume, Path(tc.tensorboard_dir) / resume.name
-    tc.run_name = tc.run_name or time.strftime("%Y%m%d-%H%M%S")
     run, log_dir = Path(tc.model_dir) / tc.run_name, Path(tc.tensorboard_dir) / tc.run_name
     if run.is_dir() and {p.name for p in run.iterdir() if not p.name.endswith(".tmp")} <= {"config.yaml", "best.pt"}:
         logger.warning(f"{run} holds a run that was killed before it saved an epoch: starting it afresh")
@@ -114,16 +113,34 @@ def open_run(tc: TrainerConfig, resume: Optional[Path]) -> tuple[Path, Path]:
     return run, log_dir
 
 
+def lock_run(tc: TrainerConfig, resume: Optional[Path]) -> Callable[[], None]:
+    """Hold the run's lock file (beside its folder) while it trains, so that no second process
+    starts, resumes or removes a run a live one trains; returns its release. A new run without a
+    run_name is named here, by the time."""
+    if not resume:
+        tc.run_name = tc.run_name or time.strftime("%Y%m%d-%H%M%S")
+    run = resume or Path(tc.model_dir) / tc.run_name
+    try:
+        run.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(run.parent, e, "choose a writable trainer_config.model_dir") from None
+    return take_lock(run.parent / f".{run.name}.lock", f"the run {run}")
+
+
 def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLensData] = None) -> Path:
     """Train as configured (or continue the run in `resume`); returns the run folder. Under
-    torchrun, every process runs this (distributed.py)."""
+    torchrun, every process runs this (distributed.py); rank 0 holds the run's lock."""
     tc = config.trainer_config
     group, device = start(tc.device)
+    releases: list[Callable[[], None]] = []
     try:
+        on_main(group, lambda: releases.append(lock_run(tc, resume)))
         run = train_on(config, group, device, resume, data)
         wait_for_all(group)
         return run
     finally:
+        for release in releases:
+            release()
         stop(group)
 
 
@@ -138,7 +155,7 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
     metadata = datasets["train"].metadata
     train_set = datasets["train"].to(device)
     val_shard = datasets["validation"].to(device).shard(group.rank, group.world)
-    speed = speed_settings(tc, device, train_set.fixed_batch_shapes, group.is_distributed)
+    speed = speed_settings(tc, device, train_set.batch_shapes, group.is_distributed)
     model = build_model(config, metadata).to(device)
     optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
     schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size, group.world))

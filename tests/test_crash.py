@@ -123,3 +123,42 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(ml1m_dir, tmp_path):
     saved = (tmp_path / "models" / "term" / "last.pt").exists()
     assert ("is saved; python model_train.py --resume" in message) == saved
     assert saved or not (tmp_path / "runs" / "term").exists()
+
+
+
+# holds the lock files a training run holds (an flock, the holder's pid inside) until it is killed
+HOLD_LOCKS = """
+import fcntl, os, sys, time
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, str(os.getpid()).encode())
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_that_a_live_process_trains_cannot_be_started_resumed_or_removed(ml1m_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """The lock beside a run folder names its live holder; once that process is killed, the lock is free."""
+    monkeypatch.chdir(tmp_path)
+    one_epoch = ["--set", "trainer_config.num_epochs=1"]
+    model_train.main(run_args(ml1m_dir, "done") + one_epoch)
+    (tmp_path / "models" / "live").mkdir()
+    (tmp_path / "models" / "live" / "config.yaml").write_text("{}")  # no epoch saved yet, as a live run early on
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCKS, "models/.live.lock", "models/.done.lock"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for argv, run in ((run_args(ml1m_dir, "live") + one_epoch, "live"), (["--resume", "models/done"], "done")):
+            assert run_script(model_train.main, argv) == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1] == (
+                f"error: the run models/{run} is in use by process {holder.pid} (lock file models/.{run}.lock); "
+                "wait for it to end, or choose another trainer_config.run_name")
+        assert (tmp_path / "models" / "live" / "config.yaml").read_text() == "{}"  # not removed as unsaved
+    finally:
+        holder.kill()
+        holder.wait()
+    model_train.main(run_args(ml1m_dir, "live") + one_epoch)  # the killed holder's lock is free: the unsaved run starts afresh
+    assert (tmp_path / "models" / "live" / "last.pt").exists()
+    assert not (tmp_path / "models" / ".live.lock").exists()  # released when the run ended
