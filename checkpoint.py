@@ -24,8 +24,13 @@ from releases import ensure_movielens
 
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file beside path, then rename over it: path holds either the
-    old or the new checkpoint, never part of one. A full disk or read-only folder is a UserError."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    old or the new checkpoint, never part of one. A full disk or read-only folder is a UserError.
+    torch.save writes to an open file: given a path, its own writer reports a full disk as a
+    RuntimeError ("unexpected pos") rather than as the OSError it is."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict:

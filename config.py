@@ -83,7 +83,9 @@ class Origins:
         self.source, self.overridden, self.overrides_from = source, overridden, overrides_from
 
     def __call__(self, key: str) -> str:
-        return self.overrides_from if key in self.overridden else self.source
+        """The origin of key, or of a section that only overrides added (--set section.key=...)."""
+        set_here = key in self.overridden or any(k.startswith(f"{key}.") for k in self.overridden)
+        return self.overrides_from if set_here else self.source
 
 
 def check_keys(raw: dict, cls: type, origins: Origins, prefix: str = "") -> None:
@@ -231,6 +233,8 @@ def check_values(config: Config, origins: Origins) -> None:
     need(tc.run_name is None or re.fullmatch(r"[\w.-]+", tc.run_name) is not None and tc.run_name not in (".", ".."),
          f"{trp}.run_name", tc.run_name, "letters, digits, '.', '_' and '-', or null")
     need(bool(tc.data_dir), f"{trp}.data_dir", tc.data_dir, "a folder")
+    need(Path(tc.model_dir).resolve() != Path(tc.tensorboard_dir).resolve(), f"{trp}.tensorboard_dir",
+         tc.tensorboard_dir, f"another folder than trainer_config.model_dir ({tc.model_dir!r}): a run has a folder in each")
 
 
 def flat_settings(tree: dict, prefix: str = "") -> dict[str, float | str | bool]:

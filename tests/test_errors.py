@@ -118,6 +118,9 @@ def test_an_empty_ratings_file_has_its_own_message(tmp_path):
     ("trainer_config.batch_size=many", "trainer_config.batch_size is 'many' (from --set), which is not of type int"),
     ("trainer_config.learning_rat=0.1", "unknown config key trainer_config.learning_rat (from --set); did you mean "
                                         "trainer_config.learning_rate?"),
+    ("trainer_confg.seed=1", "unknown config key trainer_confg (from --set); did you mean trainer_config?"),
+    ("trainer_config.tensorboard_dir=models", "trainer_config.tensorboard_dir is 'models' (from --set); it must be "
+                                              "another folder than trainer_config.model_dir ('models')"),
 ])
 def test_a_bad_setting_fails_at_once_naming_key_and_origin(assignment, message):
     with pytest.raises(ConfigError) as error:
@@ -224,6 +227,25 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_how_to_go_on(workdir, ml
                                                         "trainer_config.num_epochs=3", "trainer_config.run_name=full"))
     assert "the disk is full" in err
     assert sorted(p.name for p in Path("models/full").iterdir()) == ["best.pt", "config.yaml", "last.pt"]
+    assert torch.load("models/full/last.pt", weights_only=True)["state"]["epoch"] == 1
+
+
+def test_a_really_full_disk_is_one_line_naming_the_checkpoint(workdir, ml1m_dir, capsys, monkeypatch):
+    """From epoch 2 the checkpoints' temporary files lead to /dev/full, which fails every write as
+    a full disk does (torch's own file writer then raises RuntimeError, not OSError)."""
+    real_epoch = model_train.train_epoch
+
+    def disk_full_from_epoch_2(*args, **kwargs):
+        if args[5] == 2:  # the epoch number
+            for name in ("best.pt", "last.pt"):
+                Path(f"models/full/.{name}.tmp").symlink_to("/dev/full")
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(model_train, "train_epoch", disk_full_from_epoch_2)
+    err = one_line_error(capsys, model_train.main, sets(f"trainer_config.data_dir={ml1m_dir}",
+                                                        "trainer_config.num_epochs=2", "trainer_config.run_name=full"))
+    assert err.startswith("error: cannot write models/full/") and "the disk is full" in err
+    files = sorted(p.name for p in Path("models/full").iterdir() if not p.is_symlink())  # less the test's own
+    assert files == ["best.pt", "config.yaml", "last.pt"]
     assert torch.load("models/full/last.pt", weights_only=True)["state"]["epoch"] == 1
 
 
