@@ -17,6 +17,7 @@ before it. The files themselves are read by releases.py.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,21 +158,26 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
 
 
 CACHE_NAME = ".movielens_cache.pt"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def _cache_key(data_dir: Path) -> dict:
-    """What the cache depends on: the format version and each raw file's size and mtime."""
+    """What the cache depends on: the format version and each raw file's size and SHA-1 (about a
+    second for ML-32M's 880 MB; an edit that keeps a file's size and time is still seen)."""
     files = FORMATS[detect_format(data_dir)].files
-    return {"version": CACHE_VERSION,
-            "files": [[f, (data_dir / f).stat().st_size, (data_dir / f).stat().st_mtime_ns] for f in files]}
+    return {"version": CACHE_VERSION, "files": [[f, (data_dir / f).stat().st_size, _sha1(data_dir / f)] for f in files]}
+
+
+def _sha1(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def load_movielens(data_dir: str | Path, cache: bool = True) -> MovieLensData:
     """Read and tokenize the MovieLens folder data_dir.
 
     With `cache`, the tokenized data is kept beside the raw files in .movielens_cache.pt, used
-    while the raw files keep their size and mtime and rebuilt when they change.
+    while the raw files keep their contents and rebuilt when they change.
     """
     data_dir = Path(data_dir)
     key = _cache_key(data_dir)

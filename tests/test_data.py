@@ -1,4 +1,6 @@
 """Tokens, time order, the cache, splits and the window and chunk data sets."""
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,9 +57,18 @@ def test_cache_is_used_while_valid_and_rebuilt_when_stale(tmp_path, monkeypatch)
     monkeypatch.setattr(data, "read_movielens", lambda d: pytest.fail("cache not used"))
     cached = data.load_movielens(folder)
     assert cached.metadata == first.metadata and torch.equal(cached.flat_tokens, first.flat_tokens)
-    with open(folder / "ratings.dat", "a") as f:
-        f.write("1::7::5::2000000000\n")
+    ratings = folder / "ratings.dat"
+    before = ratings.stat()
+    lines = ratings.read_text().splitlines(keepends=True)
+    user, movie, stars, time = lines[0].split("::")
+    lines[0] = "::".join([user, movie, str(int(stars) % 5 + 1), time])  # another star, the same size
     monkeypatch.setattr(data, "read_movielens", read)
+    ratings.write_text("".join(lines))
+    os.utime(ratings, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert ratings.stat().st_size == before.st_size
+    assert not torch.equal(data.load_movielens(folder).flat_ratings, first.flat_ratings)
+    with open(ratings, "a") as f:
+        f.write("1::7::5::2000000000\n")
     assert data.load_movielens(folder).num_ratings == first.num_ratings + 1
     (folder / data.CACHE_NAME).write_bytes(b"garbage")
     assert data.load_movielens(folder).num_ratings == first.num_ratings + 1
