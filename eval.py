@@ -25,6 +25,9 @@ from ranking import (bootstrap_intervals, constant_scorer, markdown_table, model
                      paired_difference, per_user_metrics, popularity_baselines, prediction_writer, rank_all)
 
 
+MAX_RESAMPLES = 100_000  # about two minutes a table of ML-1M users on 2 CPU cores
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -39,7 +42,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--against", metavar="CHECKPOINT|BASELINE",
                         help="another checkpoint, or most-rated or top-rated-popular: the model's paired difference "
                              "to it per metric, with its interval and p-value")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over users")
+    parser.add_argument("--resamples", type=int, default=1000,
+                        help="bootstrap resamples over users (1,000 take about a second for ML-1M's 6,040 users "
+                             f"on 2 CPU cores; at most {MAX_RESAMPLES:,})")
     parser.add_argument("--data-dir", help="MovieLens folder (default: the checkpoint's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -49,8 +54,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     if args.old_subset:
         print("note: --split is now called --subset (trainer_config.split names the protocol)", file=sys.stderr)
     args.subset = args.subset or args.old_subset or "test"
-    if min(args.k) < 1 or args.batch_size < 1 or args.resamples < 10:
-        parser.error("every --k and --batch-size must be at least 1, --resamples at least 10")
+    if min(args.k) < 1 or args.batch_size < 1 or not 10 <= args.resamples <= MAX_RESAMPLES:
+        parser.error(f"every --k and --batch-size must be at least 1, --resamples from 10 to {MAX_RESAMPLES:,}")
 
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
     inputs = inputs_of(args.checkpoint, config, args.data_dir)

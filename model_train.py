@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict
@@ -138,6 +139,13 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
         run = train_on(config, group, device, resume, data)
         wait_for_all(group)
         return run
+    except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, a RuntimeError from the CPU's allocator
+        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+            size = re.search(r"allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", str(e), re.IGNORECASE)
+            asked = f" (it asked for {size.group(1)} more)" if size else ""
+            raise UserError(f"out of memory on {device}{asked}; lower trainer_config.batch_size ({tc.batch_size}) "
+                            f"or eval_batch_size ({tc.eval_batch_size}), or the model's sizes") from None
+        raise
     finally:
         for release in releases:
             release()

@@ -259,6 +259,16 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder(workdir, ml1m_
     assert "no epoch was saved" in err and not Path("models/r").exists() and not Path("runs/r").exists()
 
 
+def test_running_out_of_memory_is_one_line_naming_the_batch_sizes(workdir, ml1m_dir, capsys, monkeypatch):
+    def too_big(*args, **kwargs):
+        torch.empty(10**14)  # what the allocator says when a batch does not fit
+    monkeypatch.setattr(model_train, "train_epoch", too_big)
+    err = one_line_error(capsys, model_train.main, sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.run_name=r"))
+    assert err == ("error: out of memory on cpu (it asked for 400000000000000 bytes more); lower "
+                   "trainer_config.batch_size (256) or eval_batch_size (1024), or the model's sizes")
+    assert not Path("models/r").exists()
+
+
 def test_two_runs_of_one_name_never_share_a_tensorboard_folder(workdir, ml1m_dir, capsys):
     model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
                           "trainer_config.run_name=same", "trainer_config.model_dir=a"))
@@ -277,6 +287,12 @@ def test_eval_checks_k_before_it_writes(checkpoint, workdir, capsys):
     assert "more than the 200 movies" in one_line_error(capsys, evaluation.main,
                                                          ["--checkpoint", str(checkpoint), "--k", "1500"])
     assert report.read_text() == before
+
+
+def test_eval_refuses_resamples_that_would_run_for_hours(checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        evaluation.main(["--checkpoint", str(checkpoint), "--resamples", "100000000"])
+    assert "--resamples from 10 to 100,000" in capsys.readouterr().err
 
 
 def test_predictions_beyond_the_unrated_movies_hold_no_rated_movie(checkpoint, workdir, ml1m_dir):
