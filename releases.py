@@ -170,10 +170,19 @@ def _safe_extract(archive: Path, dest: Path) -> None:
 
 
 def detect_format(data_dir: str | Path) -> str:
-    """The format of a MovieLens folder (a key of FORMATS), recognised by its files."""
+    """The format of a MovieLens folder (a key of FORMATS), recognised by its files. A folder
+    named after a release must hold that release's files: an ML-1M folder that lost users.dat
+    would otherwise read as ML-10M's layout."""
     data_dir = Path(data_dir)
     for name, fmt in FORMATS.items():
         if all((data_dir / f).is_file() for f in fmt.files):
+            release = RELEASES.get(data_dir.name)
+            if release and release.format != name:
+                expected = FORMATS[release.format].files
+                missing = [f for f in expected if not (data_dir / f).is_file()]
+                raise DataError(f"{data_dir} is named after {data_dir.name}, whose files are {', '.join(expected)}, "
+                                f"but {', '.join(missing)} is missing (what is there is laid out as {name}); "
+                                "restore it, or rename the folder")
             return name
     layouts = "; ".join(f"{name}: {', '.join(fmt.files)}" for name, fmt in FORMATS.items())
     raise DataNotFound(f"{data_dir} holds no MovieLens files ({layouts}; csv is ML-20M/25M/32M); point data_dir "

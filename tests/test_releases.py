@@ -18,6 +18,16 @@ from synthetic import synthetic_movies, synthetic_ratings, write_movielens
 SIZE = dict(num_users=60, num_movies=80, num_ratings=3000, seed=3)
 
 
+def test_a_release_folder_missing_a_file_is_not_read_as_another_release(tmp_path):
+    folder = write_ml1m(tmp_path / "ml-1m", num_users=20, num_movies=30)
+    (folder / "users.dat").unlink()  # what is left is ML-10M's layout
+    with pytest.raises(releases.DataError) as error:
+        data.load_movielens(folder)
+    assert str(error.value) == (f"{folder} is named after ml-1m, whose files are users.dat, movies.dat, ratings.dat, "
+                                "but users.dat is missing (what is there is laid out as ml-10m); restore it, or "
+                                "rename the folder")
+
+
 @pytest.mark.parametrize("fmt", list(releases.FORMATS))
 def test_each_format_reads_back_what_was_written(fmt, tmp_path):
     folder = write_movielens(tmp_path / f"synthetic-{fmt}", fmt, **SIZE)
