@@ -59,7 +59,8 @@ def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[lis
     except UserError as e:
         if debug:
             raise
-        print(f"{e.label}: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the error; one says it
+            print(f"{e.label}: {e}", file=sys.stderr)
         return e.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -100,3 +100,10 @@ def test_an_error_on_rank_0_ends_every_process_with_its_line(even_data, tmp_path
     assert re.search(r"exitcode\s*:\s*2 ", result.stderr), result.stderr[-3000:]  # torchrun's report
     assert "terminate called" not in result.stderr
     assert (tmp_path / "models" / "run" / "last.pt").read_bytes() == b"a run's checkpoint"
+
+
+def test_a_config_error_under_torchrun_is_said_once(even_data, tmp_path):
+    result = run_training(tmp_path, even_data, TORCHRUN, 256, "trainer_config.num_epochs=0")
+    said = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and said == ["error: trainer_config.num_epochs is 0 (from --set); it must be "
+                                               "at least 1"], result.stderr[-2000:]
