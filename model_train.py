@@ -146,6 +146,8 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
             raise UserError(f"out of memory on {device}{asked}; lower trainer_config.batch_size ({tc.batch_size}) "
                             f"or eval_batch_size ({tc.eval_batch_size}), or the model's sizes") from None
         raise
+    except OSError as e:  # a write the checkpoints' own checks do not see: TensorBoard's event files, curves.png
+        raise write_error(Path(e.filename or Path(tc.tensorboard_dir) / str(tc.run_name)), e) from None
     finally:
         for release in releases:
             release()

@@ -259,6 +259,19 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder(workdir, ml1m_
     assert "no epoch was saved" in err and not Path("models/r").exists() and not Path("runs/r").exists()
 
 
+def test_a_full_disk_under_tensorboard_dir_is_one_line_and_keeps_the_checkpoints(workdir, ml1m_dir, capsys,
+                                                                                monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(*args, **kwargs):  # TensorBoard's writer thread hands its failed write to the next call
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(SummaryWriter, "add_hparams", full)
+    err = one_line_error(capsys, model_train.main, sets(f"trainer_config.data_dir={ml1m_dir}",
+                                                        "trainer_config.num_epochs=1", "trainer_config.run_name=tb"))
+    assert err == "error: cannot write runs/tb: the disk is full; free space or choose a writable folder"
+    assert torch.load("models/tb/last.pt", weights_only=True)["state"]["epoch"] == 1
+
+
 def test_running_out_of_memory_is_one_line_naming_the_batch_sizes(workdir, ml1m_dir, capsys, monkeypatch):
     def too_big(*args, **kwargs):
         torch.empty(10**14)  # what the allocator says when a batch does not fit
