@@ -95,6 +95,13 @@ def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Confi
     return model.eval(), config, metadata
 
 
+def metrics_report(checkpoint_path: Path, subset: str = "test", exclude: str = "history",
+                   ks: tuple[int, ...] = (10,)) -> Path:
+    """Where eval.py writes a checkpoint's metrics: beside it, named by subset, exclusion and K, so
+    that a call with other targets, exclusion or K never replaces another's."""
+    return Path(checkpoint_path).parent / f"eval_{subset}_{exclude}_k{'-'.join(map(str, ks))}.json"
+
+
 def inputs_of(checkpoint_path: Path, config: Config, data_dir: Optional[str] = None) -> list[Path]:
     """What a script reading this checkpoint must never write over: the run's files and the data."""
     run = Path(checkpoint_path).parent

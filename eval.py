@@ -2,8 +2,9 @@
 
 Every scorer ranks all movies for each target with the movies the user rated before it removed
 (`--exclude window` removes only the input window, as the post did). One target per user and
-split, so MAP@K equals MRR@K and Recall@K equals HR@K; Precision@K is HR@K / K. Prints the
-table, writes it as JSON beside the checkpoint.
+split, so MAP@K equals MRR@K and Recall@K equals HR@K; Precision@K is HR@K / K. Prints HR,
+NDCG and MRR at each K (--all-metrics: every metric) and writes every metric as JSON beside the
+checkpoint, named by subset, exclusion and K.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from typing import Optional
 
 import torch
 
-from checkpoint import data_for_checkpoint, inputs_of, load_checkpoint, model_from_checkpoint
+from checkpoint import data_for_checkpoint, inputs_of, load_checkpoint, metrics_report, model_from_checkpoint
 from config import make_datasets, pick_device
 from data import EXCLUDE, with_context
 from errors import UserError, run_script
 from files import atomic_write, refuse_to_overwrite
 from plots import plot_results
-from ranking import (bootstrap_intervals, constant_scorer, markdown_table, model_scorer,
+from ranking import (HEADLINE, METRICS, bootstrap_intervals, constant_scorer, markdown_table, model_scorer,
                      paired_difference, per_user_metrics, popularity_baselines, prediction_writer, rank_all)
 
 
@@ -35,7 +36,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--subset", choices=("test", "validation"),
                         help="the targets to rank: each user's last rating (test, the default) or the one before it")
     parser.add_argument("--split", choices=("test", "validation"), dest="old_subset", help=argparse.SUPPRESS)
-    parser.add_argument("--k", type=int, nargs="+", default=[3, 5, 10])
+    parser.add_argument("--k", type=int, nargs="+", default=[10], help="the cut-offs K of the metrics")
+    parser.add_argument("--all-metrics", action="store_true",
+                        help="print MAP, Precision, Recall and full MRR too (the JSON always holds them)")
     parser.add_argument("--exclude", choices=EXCLUDE, default="history",
                         help="history: every movie rated before the target (default); "
                              "window: only the input window, as the post did")
@@ -88,8 +91,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     split = config.trainer_config.split
     print(f"{metadata.name}, split {split} ({args.subset}, {len(dataset):,} targets), exclude {args.exclude}, "
           f"ranking over all {metadata.num_movies:,} movies; [95% bootstrap interval over users]")
-    print(markdown_table(results, ks, intervals))
-    print("One target per user: MAP@K equals MRR@K and Recall@K equals HR@K.")
+    print(markdown_table(results, ks, intervals, METRICS if args.all_metrics else HEADLINE))
+    print("One target per user: MAP@K equals MRR@K and Recall@K equals HR@K"
+          + ("." if args.all_metrics else "; --all-metrics prints them, and Precision@K and full MRR."))
     comparison = None
     if args.against:
         comparison = paired_difference(per_user["model"], per_user[args.against], args.resamples)
@@ -100,14 +104,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     if split == "random_windows":
         print("random_windows is the post's split: its training windows overlap the future, so "
               "these numbers are leaky.")
+    if args.save_predictions:
+        print(f"wrote {args.save_predictions} (the model's top {max(ks)} per user)")
     if args.plot:
         plot_results(results, ks, args.plot)
-    out = args.checkpoint.parent / f"eval_{args.subset}_{args.exclude}.json"
-    report = json.dumps({"split": split, "subset": args.subset, "exclude": args.exclude, "targets": len(dataset),
-                         "results": results, "intervals": intervals, "resamples": args.resamples,
-                         "against": args.against, "paired_difference": comparison}, indent=2)
+        print(f"wrote {args.plot}")
+    out = metrics_report(args.checkpoint, args.subset, args.exclude, ks)
+    report = json.dumps({"split": split, "subset": args.subset, "exclude": args.exclude, "k": list(ks),
+                         "targets": len(dataset), "results": results, "intervals": intervals,
+                         "resamples": args.resamples, "against": args.against, "paired_difference": comparison},
+                        indent=2)
     atomic_write(out, lambda tmp: tmp.write_text(report))
+    print(f"wrote {out}")
     return results
+
 
 
 def other_checkpoint_scorer(path: Path, dataset, data, device):

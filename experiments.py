@@ -32,7 +32,7 @@ from typing import Optional
 import yaml
 from tbparse import SummaryReader
 
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, metrics_report
 from config import DEFAULT_CONFIG, load_config, parse_yaml
 from errors import ConfigError, Interrupted, UserError, run_script
 from files import atomic_write
@@ -88,7 +88,7 @@ def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Pa
         run(["model_train.py", "--resume", str(folder)], f"training {name}")
     elif not (folder / "curves.png").exists():  # curves.png is a finished run's last file
         run(["model_train.py", "--config", str(config), *(a for s in sets for a in ("--set", s))], f"training {name}")
-    report = folder / "eval_test_history.json"
+    report = metrics_report(folder / "best.pt")
     if not report.exists():
         run(["eval.py", "--checkpoint", str(folder / "best.pt"), "--k", "10"], f"evaluating {name}")
     test = json.loads(report.read_text())

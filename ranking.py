@@ -166,10 +166,15 @@ def evaluate(scorer: Scorer, dataset: MovieLensSequenceDataset, ks: tuple[int, .
     return metrics_from_ranks(ranks, ks)
 
 
+HEADLINE = ("hr", "ndcg", "mrr")  # one target per user: MAP@K is MRR@K, Recall@K is HR@K, Precision@K HR@K / K
+
+
 def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...],
-                   intervals: Optional[dict[str, dict[str, tuple[float, float]]]] = None) -> str:
-    """One row a scorer, one column a metric; `value [low, high]` where intervals are given."""
-    columns = [f"{m}@{k}" for k in ks for m in METRICS] + ["mrr"]
+                   intervals: Optional[dict[str, dict[str, tuple[float, float]]]] = None,
+                   metrics: tuple[str, ...] = METRICS) -> str:
+    """One row a scorer, one column a metric at each K (and full MRR with every metric); `value
+    [low, high]` where intervals are given."""
+    columns = [f"{m}@{k}" for k in ks for m in metrics] + (["mrr"] if metrics == METRICS else [])
     lines = ["| scorer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in results.items():
         cells = [f"{metrics[c]:.4f}" + (" [{:.4f}, {:.4f}]".format(*intervals[name][c]) if intervals else "")

@@ -1,8 +1,8 @@
 """Recommend next movies: python recommend.py --checkpoint PATH --user USER_ID [-k 10] [--png OUT.png]
 
 Prints the user's recent history and the top-k movies that would come next (MovieLens id, title,
-genres, score), with every movie the user has rated removed; --png draws the row of cards
-(plots.draw_cards).
+genres, the model's probability), with every movie the user has rated removed; --png draws the
+row of cards (plots.draw_cards).
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from ranking import model_scorer
 
 @torch.inference_mode()
 def recommend(model, data: MovieLensData, users: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k tokens, scores) per user after all of each user's ratings, rated movies removed."""
+    """(top-k tokens, probabilities) per user after all of each user's ratings, rated movies
+    removed: the model's softmax over the movies the user has not rated."""
     batch = latest_windows(data, users, model.config.transformer_config.context_window_size)
     scores = model_scorer(model)(batch).masked_fill(seen_mask(data, batch), float("-inf"))
-    top = scores.topk(k, dim=1)
+    top = scores.softmax(dim=1).topk(k, dim=1)
     return top.indices, top.values
 
 
@@ -64,17 +65,19 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
     print(f"user {args.user}: {len(movies)} ratings; the last {shown}:")
     recent = movies[len(movies) - shown:].tolist()
     for movie, rating in zip(recent, ratings[len(movies) - shown:].tolist()):
-        print(f"  {metadata.movie_ids[movie]:>6}  {rating:g} stars  {metadata.titles[movie]}  [{metadata.genres[movie]}]")
+        stars = f"{rating:g} star{'' if rating == 1 else 's'}"
+        print(f"  {metadata.movie_ids[movie]:>6}  {stars:<8}  {metadata.titles[movie]}  [{metadata.genres[movie]}]")
     tokens, scores = recommend(model, data, torch.tensor([token]), args.k)
-    print(f"top {args.k} next movies (rated movies excluded):")
+    print(f"top {args.k} next movies (rated movies excluded; p: the model's probability that it is the next "
+          "movie rated):")
     result = []
     for rank, (movie, score) in enumerate(zip(tokens[0].tolist(), scores[0].tolist()), 1):
         result.append((metadata.movie_ids[movie], metadata.titles[movie], metadata.genres[movie], score))
         print(f"  {rank:>2}. {metadata.movie_ids[movie]:>6}  {metadata.titles[movie]}  "
-              f"[{metadata.genres[movie]}]  score {score:.3f}")
+              f"[{metadata.genres[movie]}]  p {score:.3f}")
     if args.png:
         draw_cards([CardRow(f"user {args.user}", recent, tokens[0].tolist())], metadata, path=args.png)
-        print(f"cards saved to {args.png}")
+        print(f"wrote {args.png}")
     return result
 
 

@@ -37,7 +37,7 @@ def test_train_eval_resume_end_to_end(workdir, ml1m_dir, capsys):
     out = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(run / "best.pt"),
                           "--save-predictions", "pred.csv"], capture_output=True, text=True, check=True).stdout
     assert "| model |" in out and "| most-rated |" in out and "| top-rated-popular |" in out
-    assert "ndcg@10" in out and (run / "eval_test_history.json").exists()
+    assert "ndcg@10" in out and (run / "eval_test_history_k10.json").exists()
     rows = list(csv.DictReader(open("pred.csv")))
     assert len(rows) == 300 * 10 and rows[0]["rank"] == "1"
     assert {int(r["item_id"]) for r in rows} <= {7 + 3 * m for m in range(200)}  # MovieLens ids
@@ -50,6 +50,23 @@ def test_train_eval_resume_end_to_end(workdir, ml1m_dir, capsys):
     assert sorted(scalars[scalars.tag == "loss/train"].step.tolist()) == [1, 2, 3]
     assert set(scalars.tag) >= {"loss/validation", "metrics/validation/ndcg@10", "lr",
                                 "throughput/samples_per_s"}
+
+
+def test_a_run_says_when_it_compiles_and_how_long_it_will_take(workdir, ml1m_dir):
+    from loguru import logger
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+    try:
+        model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=3",
+                              "trainer_config.run_name=pace", "trainer_config.compile=true"))
+    finally:
+        logger.remove(sink)
+    starts = next(i for i, line in enumerate(lines) if line.startswith("epoch 1:"))
+    assert any(line.startswith("torch.compile builds the training step") for line in lines[:starts])
+    pace = [line for line in lines if " s an epoch: the " in line]
+    assert len(pace) == 1 and lines.index(pace[0]) == lines.index(next(line for line in lines
+                                                                      if line.startswith("epoch 2:"))) + 1
+    assert "the 1 epoch left (trainer_config.num_epochs 3) take at most" in pace[0]
 
 
 def test_same_config_gives_same_losses(workdir, ml1m_dir):

@@ -291,7 +291,7 @@ def test_two_runs_of_one_name_never_share_a_tensorboard_folder(workdir, ml1m_dir
 
 
 def test_eval_checks_k_before_it_writes(checkpoint, workdir, capsys):
-    report = checkpoint.parent / "eval_test_history.json"
+    report = checkpoint.parent / "eval_test_history_k10.json"
     evaluation.main(["--checkpoint", str(checkpoint), "--k", "10"])
     before = report.read_text()
     for k in ("-1", "0"):

@@ -33,6 +33,8 @@ def test_recommend_prints_unseen_movies_and_draws_cards(checkpoint, tmp_path, ca
     seen = {metadata.movie_ids[t] for t in data.history(metadata.user_ids.index(5))[0].tolist()}
     assert len(top) == 7 and not seen & {movie_id for movie_id, *_ in top}
     assert [score for *_, score in top] == sorted((score for *_, score in top), reverse=True)
+    assert 0 < sum(p for *_, p in top) <= 1 and "p: the model's probability" in out and f"wrote {png}" in out
+    assert "  1 star  " in out and "1 stars" not in out  # the synthetic history holds 1-star ratings
 
 
 def test_unknown_user_is_a_clear_error(checkpoint):
@@ -47,18 +49,35 @@ def test_eval_plot_writes_png(checkpoint, tmp_path):
     assert png.stat().st_size > 1000 and set(results) == {"model", "most-rated", "top-rated-popular"}
 
 
+def test_eval_prints_a_readable_table_names_its_files_and_keeps_other_calls_reports(checkpoint, tmp_path, capsys):
+    import json
+    evaluation.main(["--checkpoint", str(checkpoint), "--k", "5", "10", "--resamples", "20"])
+    wide = checkpoint.parent / "eval_test_history_k5-10.json"
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[0] == "| scorer | hr@5 | ndcg@5 | mrr@5 | hr@10 | ndcg@10 | mrr@10 |"
+    assert max(map(len, table)) < 200
+    csv_path = tmp_path / "top.csv"
+    evaluation.main(["--checkpoint", str(checkpoint), "--resamples", "20", "--all-metrics",
+                     "--save-predictions", str(csv_path)])
+    out = capsys.readouterr().out
+    assert "| recall@10 |" in out.replace(" | ", " |\n| ") and "| map@10 " in out
+    assert f"wrote {csv_path} (the model's top 10 per user)" in out
+    assert f"wrote {checkpoint.parent / 'eval_test_history_k10.json'}" in out
+    assert set(json.loads(wide.read_text())["results"]["model"]) >= {"hr@5", "map@10", "recall@10", "mrr"}
+
+
 def test_eval_reports_intervals_and_a_paired_difference(checkpoint, tmp_path, capsys):
     import json
     evaluation.main(["--checkpoint", str(checkpoint), "--k", "10", "--against", "most-rated", "--resamples", "200"])
     out = capsys.readouterr().out
     assert "model - most-rated, paired over the same 300 targets" in out and "| ndcg@10 |" in out
-    report = json.loads((checkpoint.parent / "eval_test_history.json").read_text())
+    report = json.loads((checkpoint.parent / "eval_test_history_k10.json").read_text())
     low, high = report["intervals"]["model"]["ndcg@10"]
     assert low <= report["results"]["model"]["ndcg@10"] <= high
     assert report["paired_difference"]["ndcg@10"]["difference"] == pytest.approx(
         report["results"]["model"]["ndcg@10"] - report["results"]["most-rated"]["ndcg@10"])
     evaluation.main(["--checkpoint", str(checkpoint), "--k", "10", "--against", str(checkpoint), "--resamples", "50"])
-    assert json.loads((checkpoint.parent / "eval_test_history.json").read_text())[
+    assert json.loads((checkpoint.parent / "eval_test_history_k10.json").read_text())[
         "paired_difference"]["ndcg@10"]["difference"] == 0
 
 
@@ -68,4 +87,4 @@ def test_eval_subset_picks_the_targets_and_the_old_spelling_still_works(checkpoi
     assert "(validation, 300 targets)" in capsys.readouterr().out
     old = evaluation.main(["--checkpoint", str(checkpoint), "--split", "validation", "--k", "10", "--resamples", "20"])
     assert "note: --split is now called --subset" in capsys.readouterr().err and old == new
-    assert json.loads((checkpoint.parent / "eval_validation_history.json").read_text())["subset"] == "validation"
+    assert json.loads((checkpoint.parent / "eval_validation_history_k10.json").read_text())["subset"] == "validation"
