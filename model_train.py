@@ -195,7 +195,10 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
         logger.info(f"run {tc.run_name} on {device} x {group.world} ({speed}): {len(train_set):,} training targets, "
                     f"{len(datasets['validation']):,} validation targets, "
                     f"{sum(p.numel() for p in model.parameters()):,} parameters")
-        for epoch in range(state["epoch"] + 1, tc.num_epochs + 1):
+        if speed.compile:
+            logger.info(COMPILING)
+        first_epoch = state["epoch"] + 1
+        for epoch in range(first_epoch, tc.num_epochs + 1):
             started = time.perf_counter()
             model.train()
             seed_epoch(tc.seed, epoch, group.rank)
@@ -213,6 +216,8 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
                 state["best_ndcg"] = max(state["best_ndcg"], scalars["metrics/validation/ndcg@10"])
                 state["stale"] = 0 if improved else state["stale"] + 1
             logger.info(f"epoch {epoch}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()))
+            if epoch == first_epoch + speed.compile and epoch < tc.num_epochs:  # compiled: the first after compiling
+                logger.info(pace(scalars["time/epoch_s"], tc.num_epochs - epoch, tc))
             state["epoch"] = epoch
             if group.is_main:
                 for key, value in scalars.items():
@@ -245,6 +250,20 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
         plot_training_curves(log_dir, run / "curves.png")
     logger.info(f"best validation NDCG@10 {state['best_ndcg']:.4f}; checkpoints in {run}")
     return run
+
+
+COMPILING = ("torch.compile builds the training step and validation in their first steps, once per run: "
+             "about a minute on a 2-core CPU with an empty cache, seconds once cached")
+
+
+def pace(epoch_s: float, left: int, tc: TrainerConfig) -> str:
+    """How long the rest of the run takes at most, at this epoch's pace."""
+    bound = f"{epoch_s * left / 3600:.1f} h" if epoch_s * left >= 3600 else f"{epoch_s * left / 60:.0f} min"
+    stop = (f"; early stopping (patience {tc.patience} evaluations) usually ends it sooner"
+            if tc.patience is not None else "")
+    epochs = f"{left} epoch{'s' * (left != 1)}"
+    return (f"{epoch_s:.0f} s an epoch: the {epochs} left (trainer_config.num_epochs {tc.num_epochs}) take at most "
+            f"{bound} at this pace{stop}")
 
 
 def finished(state: dict, tc: TrainerConfig) -> str:
