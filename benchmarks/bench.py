@@ -1,6 +1,6 @@
 """Time the repo's pipeline against a post-style pipeline built from the same classes, in one run.
 
-    python benchmarks/bench.py --data-dir ../shared/data/ml-1m [--device cpu|cuda] [--json OUT]
+    python benchmarks/bench.py --data-dir data/ml-1m [--device cpu|cuda] [--json OUT]
 
 Stages: reading ratings alone, loading (read + tokenize + order + split + windows; cold and from
 the cache), training throughput of the default (post's) model at batch 512, full-ranking

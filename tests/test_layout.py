@@ -65,3 +65,10 @@ def test_find_cycle_finds_a_cycle():
 def test_the_model_file_holds_no_device_or_compiler_branch():
     source = (ROOT / "movielens_transformer.py").read_text()
     assert "device.type" not in source and "is_compiling" not in source
+
+
+def test_user_docs_speak_of_the_users_machine():
+    """No path of the development machine (its ../shared folder) in what a user reads or runs."""
+    docs = [*ROOT.glob("*.md"), *ROOT.glob("*/README.md"), *ROOT.glob("notebooks/*.ipynb"), *ROOT.glob("*.py"),
+            *ROOT.glob("benchmarks/*"), *ROOT.glob("configs/*.yaml")]
+    assert [p.name for p in docs if "../shared" in p.read_text(errors="replace")] == []
