@@ -13,7 +13,8 @@ Each variant and seed is one `python model_train.py` run (its seed `trainer_conf
 ...), chosen on validation NDCG@10 as always, then one `python eval.py` of its best.pt: the test
 targets are read once per finished run. `results.csv` and `results.md` in --out hold a row per
 run (variant, seed, best epoch, validation and test metrics with the test's bootstrap interval,
-minutes) and mean +- standard deviation per variant. Every run also lands in TensorBoard's
+minutes) and mean +- standard deviation per variant, beside the most-rated baseline on the same
+test targets (a run below it has learnt less than popularity). Every run also lands in TensorBoard's
 HParams view (`tensorboard --logdir <out>/runs`). Each run's log shows as it trains. A finished
 run is not run again; a stopped one resumes from its last.pt.
 """
@@ -39,8 +40,12 @@ from files import atomic_write
 
 ROOT = Path(__file__).resolve().parent
 COLUMNS = ["variant", "seed", "best_epoch", "validation_ndcg@10", "validation_hr@10", "test_ndcg@10", "test_hr@10",
-           "test_mrr", "test_ndcg@10_low", "test_ndcg@10_high", "minutes"]
+           "test_mrr", "test_ndcg@10_low", "test_ndcg@10_high", "minutes", "most_rated_test_ndcg@10",
+           "most_rated_test_hr@10", "most_rated_test_mrr"]
 SUMMARY = ["validation_ndcg@10", "test_ndcg@10", "test_hr@10", "test_mrr"]
+NAMES = {"best_epoch": "best epoch", "validation_ndcg@10": "validation NDCG@10", "validation_hr@10": "validation HR@10",
+         "test_ndcg@10": "test NDCG@10", "test_hr@10": "test HR@10", "test_mrr": "test MRR"}  # the tables' headers
+YARDSTICK = "most-rated (training counts)"
 
 
 def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
@@ -100,7 +105,9 @@ def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Pa
             "test_ndcg@10": test["results"]["model"]["ndcg@10"], "test_hr@10": test["results"]["model"]["hr@10"],
             "test_mrr": test["results"]["model"]["mrr"], "test_ndcg@10_low": test["intervals"]["model"]["ndcg@10"][0],
             "test_ndcg@10_high": test["intervals"]["model"]["ndcg@10"][1],
-            "minutes": scalars[scalars.tag == "time/epoch_s"].value.sum() / 60}
+            "minutes": scalars[scalars.tag == "time/epoch_s"].value.sum() / 60,
+            **{f"most_rated_{metric}": test["results"]["most-rated"][metric.removeprefix("test_")]
+               for metric in ("test_ndcg@10", "test_hr@10", "test_mrr")}}
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
@@ -117,12 +124,22 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], summary: list[dict]) -> str:
-    lines = ["| variant | runs | " + " | ".join(SUMMARY) + " |", "|---" * (len(SUMMARY) + 2) + "|"]
+    """The summary (mean ± std per variant, then the most-rated baseline on the same test targets)
+    and a row per run, with readable headers."""
+    header = ["variant", "runs", *(NAMES[m] for m in SUMMARY)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     lines += [f"| {s['variant']} | {s['runs']} | " + " | ".join(f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in SUMMARY) + " |"
               for s in summary]
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-    lines += ["| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS) + " |"
-              for r in rows]
+    baselines = {tuple(r[f"most_rated_{m}"] for m in SUMMARY[1:]): r["variant"] for r in rows}
+    for values, variant in baselines.items():  # one row, unless variants differ in data or split
+        name = YARDSTICK if len(baselines) == 1 else f"{YARDSTICK}, {variant}'s data"
+        lines.append(f"| {name} | | | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    runs = ["variant", "seed", *(NAMES[c] for c in COLUMNS[2:8]), "test NDCG@10 95% interval", "minutes"]
+    lines += ["", "| " + " | ".join(runs) + " |", "|---" * len(runs) + "|"]
+    for r in rows:
+        cells = [r["variant"], r["seed"], r["best_epoch"], *(f"{r[c]:.4f}" for c in COLUMNS[3:8]),
+                 f"[{r['test_ndcg@10_low']:.4f}, {r['test_ndcg@10_high']:.4f}]", f"{r['minutes']:.1f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 

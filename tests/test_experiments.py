@@ -35,6 +35,9 @@ def test_seeds_and_variants_make_one_table(ml1m_dir, tmp_path, capfd):
     assert len(table) == 4 and all(float(r["test_ndcg@10_low"]) <= float(r["test_ndcg@10"]) for r in table)
     summary = (tmp_path / "out" / "results.md").read_text()
     assert "| base | 2 |" in summary and "| no-user-embedding | 2 |" in summary and " ± " in summary
+    assert summary.splitlines()[0] == "| variant | runs | validation NDCG@10 | test NDCG@10 | test HR@10 | test MRR |"
+    yardstick = [line for line in summary.splitlines() if line.startswith("| most-rated (training counts) | | |")]
+    assert len(yardstick) == 1 and f"{rows[0]['most_rated_test_ndcg@10']:.4f}" in yardstick[0]
 
     from tbparse import SummaryReader
     hparams = SummaryReader(str(tmp_path / "out" / "runs" / "base-seed1")).hparams
