@@ -45,9 +45,9 @@ def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Gene
     targets = torch.zeros((), dtype=torch.long, device=dataset.device)
     diverged_at = torch.full((), -1, dtype=torch.long, device=dataset.device)  # the first non-finite loss's step
     start = time.perf_counter()
+    quiet = {} if group.is_main else {"disable": True}  # unset, tqdm reads TQDM_DISABLE and its other variables
     bar = tqdm(dataset.batches(tc.batch_size, shuffle=True, generator=generator, rank=group.rank, world=group.world),
-               total=dataset.num_batches(tc.batch_size, group.world), desc=f"epoch {epoch}", leave=False,
-               disable=not group.is_main)
+               total=dataset.num_batches(tc.batch_size, group.world), desc=f"epoch {epoch}", leave=False, **quiet)
     for step, batch in enumerate(bar, first_step + 1):
         loss, count = step_fn(batch)
         total += loss * count

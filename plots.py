@@ -16,6 +16,7 @@ import imageio.v3 as iio
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
+from matplotlib.ticker import MaxNLocator
 from tbparse import SummaryReader
 
 from data import DatasetMetadata
@@ -42,12 +43,14 @@ def plot_training_curves(log_dir: Path, path: Optional[Path] = None):
     fig, (loss_ax, ndcg_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
     for tag, label in (("loss/train", "train"), ("loss/validation", "validation")):
         rows = scalars[scalars.tag == tag]
-        loss_ax.plot(rows.step, rows.value, label=label)
+        loss_ax.plot(rows.step, rows.value, label=label, marker="o" if len(rows) < 20 else None)  # one epoch shows
     loss_ax.set(title="cross-entropy", xlabel="epoch")
     loss_ax.legend()
     rows = scalars[scalars.tag == "metrics/validation/ndcg@10"]
     ndcg_ax.plot(rows.step, rows.value, marker="o", color="C2")
     ndcg_ax.set(title="validation NDCG@10", xlabel="epoch")
+    for ax in (loss_ax, ndcg_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     fig.tight_layout()
     return save_or_return(fig, path)
 

@@ -69,6 +69,16 @@ def test_a_run_says_when_it_compiles_and_how_long_it_will_take(workdir, ml1m_dir
     assert "the 1 epoch left (trainer_config.num_epochs 3) take at most" in pace[0]
 
 
+def test_tqdm_disable_silences_the_progress_bars(workdir, ml1m_dir):
+    """Notebooks set TQDM_DISABLE=1 to keep progress bars out of their cells."""
+    import os
+    result = subprocess.run([sys.executable, str(ROOT / "model_train.py"),
+                             *sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
+                                   "trainer_config.compile=false", "trainer_config.run_name=quiet")],
+                            capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}, check=True)
+    assert "epoch 1:" in result.stderr and "it/s" not in result.stderr and "\r" not in result.stderr
+
+
 def test_same_config_gives_same_losses(workdir, ml1m_dir):
     losses = []
     for name in ("a", "b"):
