@@ -8,6 +8,7 @@ other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -65,3 +66,19 @@ def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[lis
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help with each option's default where it has one (not for flags, None or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in help:
+            default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+            help += f" (default: {default})"
+        return help
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its description the first line of its docstring, defaults in --help."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=DefaultsHelpFormatter)

@@ -19,7 +19,7 @@ import torch
 from checkpoint import data_for_checkpoint, inputs_of, load_checkpoint, metrics_report, model_from_checkpoint
 from config import make_datasets, pick_device
 from data import EXCLUDE, with_context
-from errors import UserError, run_script
+from errors import UserError, argument_parser, run_script
 from files import atomic_write, refuse_to_overwrite
 from plots import plot_results
 from ranking import (HEADLINE, METRICS, bootstrap_intervals, constant_scorer, markdown_table, model_scorer,
@@ -30,9 +30,9 @@ MAX_RESAMPLES = 100_000  # about two minutes a table of ML-1M users on 2 CPU cor
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
     parser.add_argument("--subset", choices=("test", "validation"),
                         help="the targets to rank: each user's last rating (test, the default) or the one before it")
     parser.add_argument("--split", choices=("test", "validation"), dest="old_subset", help=argparse.SUPPRESS)
@@ -49,9 +49,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
                         help="bootstrap resamples over users (1,000 take about a second for ML-1M's 6,040 users "
                              f"on 2 CPU cores; at most {MAX_RESAMPLES:,})")
     parser.add_argument("--data-dir", help="MovieLens folder (default: the checkpoint's)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--save-predictions", type=Path, metavar="CSV")
+    parser.add_argument("--device", default="auto", help="auto, cpu, mps, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=1024, help="targets ranked at once")
+    parser.add_argument("--save-predictions", type=Path, metavar="CSV",
+                        help="write the model's top K per user here (user_id,rank,item_id)")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="bar chart of model vs baselines")
     args = parser.parse_args(argv)
     if args.old_subset:

@@ -20,7 +20,6 @@ run is not run again; a stopped one resumes from its last.pt.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import signal
@@ -35,7 +34,7 @@ from tbparse import SummaryReader
 
 from checkpoint import load_checkpoint, metrics_report
 from config import DEFAULT_CONFIG, load_config, parse_yaml
-from errors import ConfigError, Interrupted, UserError, run_script
+from errors import ConfigError, Interrupted, UserError, argument_parser, run_script
 from files import atomic_write
 
 ROOT = Path(__file__).resolve().parent
@@ -155,9 +154,9 @@ def write_tables(out: Path, rows: list[dict]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the config every variant starts from")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N for every variant")
     parser.add_argument("--grid", type=Path, help="YAML: variant name -> overrides")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -9,7 +9,6 @@ better NDCG@10. `--resume models/<run>` continues a run at its next epoch.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import shutil
@@ -29,7 +28,7 @@ from checkpoint import check_same_data, load_checkpoint, resume_config, save_ato
 from config import DEFAULT_CONFIG, Config, TrainerConfig, build_model, flat_settings, load_config, make_datasets
 from data import DatasetMetadata, MovieLensData
 from distributed import Group, exit_process, gather, on_main, start, stop, sum_over_processes, wait_for_all
-from errors import Interrupted, UserError, run_script
+from errors import Interrupted, UserError, argument_parser, run_script
 from files import atomic_write, take_lock, write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
@@ -290,7 +289,7 @@ def remove_if_unsaved(run: Path, log_dir: Path, epoch: int) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--set", dest="overrides", action="append", default=[],

@@ -6,7 +6,6 @@ row of cards (plots.draw_cards).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,7 +14,7 @@ import torch
 
 from checkpoint import data_for_checkpoint, inputs_of, load_checkpoint, model_from_checkpoint
 from data import DatasetMetadata, MovieLensData, latest_windows, seen_mask
-from errors import UserError, run_script
+from errors import UserError, argument_parser, run_script
 from files import refuse_to_overwrite
 from plots import CardRow, draw_cards
 from ranking import model_scorer
@@ -40,11 +39,11 @@ def user_token(metadata: DatasetMetadata, user_id: int) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
     parser.add_argument("--user", type=int, required=True, help="MovieLens user id")
-    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("-k", type=int, default=10, help="movies to recommend")
     parser.add_argument("--png", type=Path, help="save the row of cards here")
     parser.add_argument("--history", type=int, default=5, help="recent movies to show")
     parser.add_argument("--data-dir", help="MovieLens folder (default: the checkpoint's)")

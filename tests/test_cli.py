@@ -79,6 +79,16 @@ def test_tqdm_disable_silences_the_progress_bars(workdir, ml1m_dir):
     assert "epoch 1:" in result.stderr and "it/s" not in result.stderr and "\r" not in result.stderr
 
 
+@pytest.mark.parametrize("script, shown", [("eval", "the cut-offs K of the metrics (default: 10)"),
+                                           ("recommend", "movies to recommend (default: 10)"),
+                                           ("experiments", "seeds 1..N for every variant (default: 3)")])
+def test_help_shows_the_defaults(script, shown, capsys):
+    import importlib
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).main(["--help"])
+    assert shown in " ".join(capsys.readouterr().out.split())
+
+
 def test_same_config_gives_same_losses(workdir, ml1m_dir):
     losses = []
     for name in ("a", "b"):
