@@ -15,7 +15,7 @@ from typing import Optional
 import imageio.v3 as iio
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyBboxPatch
+from matplotlib.patches import FancyBboxPatch, Patch
 from matplotlib.ticker import MaxNLocator
 from tbparse import SummaryReader
 
@@ -78,6 +78,7 @@ GENRE_COLOURS = {"Action": "#d62728", "Adventure": "#ff7f0e", "Animation": "#e37
                  "Film-Noir": "#333333", "Horror": "#5b0f00", "Musical": "#dbdb8d",
                  "Mystery": "#393b79", "Romance": "#ff9896", "Sci-Fi": "#17becf",
                  "Thriller": "#843c39", "War": "#637939", "Western": "#bd9e39"}
+OTHER_GENRE = "#555555"
 
 
 @dataclass
@@ -94,28 +95,39 @@ def split_title(title: str) -> tuple[str, str]:
     return (match.group(1), match.group(2)) if match else (title, "")
 
 
-def _draw_card(ax, metadata: DatasetMetadata, token: int, posters: Path, border: str, width: float) -> None:
+def ink(colour: str) -> str:
+    """Black or white text, whichever reads on a card of this colour (by its relative luminance)."""
+    r, g, b = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.55 else "white"
+
+
+def _draw_card(ax, metadata: DatasetMetadata, token: int, posters: Path, border: str,
+               width: float) -> Optional[str]:
+    """One movie's card: its poster, else a card coloured by its first genre; returns that genre
+    (None for a poster), for the legend."""
     ax.set_xticks([])
     ax.set_yticks([])
     movie_id = metadata.movie_ids[token]
     poster = posters / f"{movie_id}.jpg"
     title, year = split_title(metadata.titles[token])
     genres = metadata.genres[token].split("|")
-    if poster.is_file():
-        ax.imshow(iio.imread(poster))
-    else:
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.5)
-        colour = GENRE_COLOURS.get(genres[0], "#555555")
-        ax.add_patch(FancyBboxPatch((0.04, 0.04), 0.92, 1.42, boxstyle="round,pad=0,rounding_size=0.06",
-                                    facecolor=colour, alpha=0.85, edgecolor="none"))
-        ax.text(0.5, 1.05, "\n".join(textwrap.wrap(title, 12)[:5]), ha="center", va="center",
-                color="white", fontsize=7, fontweight="bold")
-        ax.text(0.5, 0.45, year, ha="center", va="center", color="white", fontsize=9)
-        ax.text(0.5, 0.2, "\n".join(genres[:2]), ha="center", va="center", color="white", fontsize=6)
     for spine in ax.spines.values():
         spine.set_edgecolor(border)
         spine.set_linewidth(width)
+    if poster.is_file():
+        ax.imshow(iio.imread(poster))
+        return None
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.5)
+    colour = GENRE_COLOURS.get(genres[0], OTHER_GENRE)
+    text = ink(colour)
+    ax.add_patch(FancyBboxPatch((0.04, 0.04), 0.92, 1.42, boxstyle="round,pad=0,rounding_size=0.06",
+                                facecolor=colour, edgecolor="none"))
+    ax.text(0.5, 1.05, "\n".join(textwrap.wrap(title, 12)[:5]), ha="center", va="center",
+            color=text, fontsize=7, fontweight="bold")
+    ax.text(0.5, 0.45, year, ha="center", va="center", color=text, fontsize=9)
+    ax.text(0.5, 0.2, "\n".join(genres[:2]), ha="center", va="center", color=text, fontsize=6)
+    return genres[0] if genres[0] in GENRE_COLOURS else "other"
 
 
 def draw_cards(rows: list[CardRow], metadata: DatasetMetadata, posters: Path = POSTERS,
@@ -123,23 +135,29 @@ def draw_cards(rows: list[CardRow], metadata: DatasetMetadata, posters: Path = P
     """A row of cards per user: the last movies seen (grey), then the recommendations (blue),
     the held-out movie in green where it was recommended. Saved to path (and closed) when given."""
     columns = max(len(r.history) + len(r.recommendations) for r in rows) + 1
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns, 2.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns, 2.2 * len(rows) + 0.5), squeeze=False)
+    shown: set[Optional[str]] = set()
     for ax_row, row in zip(axes, rows):
         for ax in ax_row:
             ax.axis("off")
         for i, token in enumerate(row.history):
             ax_row[i].axis("on")
-            _draw_card(ax_row[i], metadata, token, posters, "#999999", 1.5)
+            shown.add(_draw_card(ax_row[i], metadata, token, posters, "#999999", 1.5))
         ax_row[len(row.history)].text(0.5, 0.5, "→", ha="center", va="center", fontsize=22,
                                       transform=ax_row[len(row.history)].transAxes)
         for rank, token in enumerate(row.recommendations, 1):
             ax = ax_row[len(row.history) + rank]
             ax.axis("on")
             hit = token == row.held_out
-            _draw_card(ax, metadata, token, posters, "#2ca02c" if hit else "#1f77b4", 5 if hit else 1.5)
+            shown.add(_draw_card(ax, metadata, token, posters, "#2ca02c" if hit else "#1f77b4", 5 if hit else 1.5))
             ax.set_title(f"#{rank}" + (" held out ✓" if hit else ""), fontsize=8,
                          color="#2ca02c" if hit else "black")
         ax_row[0].set_ylabel(row.label, fontsize=9)
         ax_row[0].set_title("history (last)", fontsize=8, loc="left")
-    fig.tight_layout()
+    genres = [g for g in [*GENRE_COLOURS, "other"] if g in shown]
+    if genres:  # what the colours of the drawn cards mean
+        fig.legend(handles=[Patch(color=GENRE_COLOURS.get(g, OTHER_GENRE), label=g) for g in genres],
+                   loc="lower center", ncol=min(len(genres), 9), fontsize=7, frameon=False,
+                   title="card colour: first genre", title_fontsize=7)
+    fig.tight_layout(rect=(0, 0.12 if genres else 0, 1, 1))
     return save_or_return(fig, path)
