@@ -252,7 +252,7 @@ def train_on(config: Config, group: Group, device: torch.device, resume: Optiona
 
 
 COMPILING = ("torch.compile builds the training step and validation in their first steps, once per run: "
-             "about a minute on a 2-core CPU with an empty cache, seconds once cached")
+             "one to three minutes on a 2-core CPU with an empty cache, less once it is cached")
 
 
 def pace(epoch_s: float, left: int, tc: TrainerConfig) -> str:

@@ -27,8 +27,9 @@ def killing(fn):
         global calls
         calls += 1
         if calls == at:
-            if kind == "save":
-                open(args[1], "wb").write(b"half a checkpoint")
+            if kind == "save":  # torch.save(obj, an open file)
+                args[1].write(b"half a checkpoint")
+                args[1].flush()
             os.kill(os.getpid(), signal.SIGKILL)
         return fn(*args, **kwargs)
     return wrapped

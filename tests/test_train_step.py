@@ -6,7 +6,7 @@ import torch
 
 import speed
 from config import TrainerConfig, build_model, load_config
-from data import MovieLensSequenceDataset, load_movielens
+from data import MovieLensSequenceDataset, SequenceChunks, load_movielens
 from kernels import dropout
 from training import (ModelLoss, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
                       make_training_step, seed_epoch, train_step)
@@ -34,6 +34,20 @@ def test_compiled_loss_equals_eager_loss(ml1m_dir):
     assert torch.allclose(a, b, atol=1e-5)
     b.backward()
     assert model.transformer.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_compiled_packed_loss_equals_eager_loss(ml1m_dir):
+    """The sequence mode's default on a CPU: packed chunks through the compiled loss."""
+    data = load_movielens(ml1m_dir, cache=False)
+    batch = next(SequenceChunks(data, 16).batches(32, generator=torch.Generator().manual_seed(0)))
+    assert (batch.segments.max(1).values > 0).any()  # some row holds several chunks
+    config = small_config("model_config.mode=sequence", "model_config.transformer_config.context_window_size=16",
+                          "model_config.interaction_mlp_hidden_sizes=[]")
+    model = build_model(config, data.metadata)
+    eager = ModelLoss(model, full_softmax_loss)
+    compiled = speed.compiled_for_full_batches(eager, 32, CPU)
+    (a, n), (b, m) = eager(batch), compiled(batch)
+    assert n == m and torch.allclose(a, b, atol=1e-5)
 
 
 def steps(model, optimizer, schedule, n: int) -> None:
