@@ -500,7 +500,7 @@ def packed_batch(chunks: ChunkBatch, row: torch.Tensor, column: torch.Tensor, ro
     start at column[i] of row[i] (pack_rows' plan); its segment is i."""
     width = chunks.movie_tokens.shape[1]
     real = ~chunks.padding_mask
-    shift = row * width + column - (width - real.sum(1)) + 0  # destination minus source, per chunk
+    shift = row * width + column - (width - real.sum(1))  # destination minus source, per chunk
     destination = (shift[:, None] + torch.arange(width, device=shift.device))[real]
     segments = torch.arange(len(row), device=row.device)[:, None].expand(-1, width)
     packed = []
@@ -528,10 +528,13 @@ class SequenceChunks:
     def __init__(self, data: MovieLensData, context_window_size: int, packed: bool = True):
         self.data, self.metadata = data, data.metadata
         self.context_window_size, self.packed = context_window_size, packed
-        # packed: rows and trained positions vary; else the trained positions only
-        self.batch_shapes = "packed" if packed else "varying"
         self.last_target = last_training_position(data.lengths.numpy())
         self.device = torch.device("cpu")
+
+    @property
+    def batch_shapes(self) -> str:
+        """Packed, rows and trained positions vary from batch to batch; else the trained positions only."""
+        return "packed" if self.packed else "varying"
 
     def __len__(self) -> int:
         """Training targets per epoch."""
