@@ -47,7 +47,6 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
-
 def take_lock(path: Path, what: str) -> Callable[[], None]:
     """Hold the lock file `path` (an flock, which the system releases when its process ends, so a
     killed process leaves no stale lock), its text this process's id; or refuse with a UserError
