@@ -206,6 +206,8 @@ def check_values(config: Config, origins: Origins) -> None:
         last = mc.interaction_mlp_hidden_sizes[-1] if mc.interaction_mlp_hidden_sizes else None
         need(last == t.embedding_dimension, f"{mp}.interaction_mlp_hidden_sizes", mc.interaction_mlp_hidden_sizes,
              f"a list ending in embedding_dimension ({t.embedding_dimension}) when tie_output_embeddings is true")
+    need(not mc.query_time or mc.time_bias, f"{mp}.query_time", mc.query_time,
+         "false unless model_config.time_bias is true (query time is the time bias's query)")
     one_of(tc, trp, "split", SPLITS)
     need(mc.mode != "sequence" or tc.split == "leave_one_out", f"{trp}.split", tc.split,
          "leave_one_out in the sequence mode")

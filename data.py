@@ -81,12 +81,15 @@ class MovieLensData:
     """All ratings in tokens, ordered by (user, timestamp, line), in the flat layout.
 
     `flat_tokens` holds [SOS, m_0 .. m_{n-1}, EOS] for each user back to back; user u's SOS sits
-    at `offsets[u]`, its n = `lengths[u]` movies follow. `flat_ratings` holds their stars.
+    at `offsets[u]`, its n = `lengths[u]` movies follow. `flat_ratings` holds their stars and
+    `flat_times` their timestamps; SOS takes the time of the user's first rating and EOS that of
+    the last, so that a time gap to either is zero rather than decades.
     """
 
     metadata: DatasetMetadata
     flat_tokens: torch.Tensor       # int64 [sum(n_u + 2)]
     flat_ratings: torch.Tensor      # float32 [sum(n_u + 2)], stars
+    flat_times: torch.Tensor        # int64 [sum(n_u + 2)], seconds since 1970 (UTC)
     offsets: torch.Tensor           # int64 [U]
     lengths: torch.Tensor           # int64 [U]
 
@@ -94,16 +97,20 @@ class MovieLensData:
     def num_ratings(self) -> int:
         return int(self.lengths.sum())
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The fields after metadata, in order."""
+        return self.flat_tokens, self.flat_ratings, self.flat_times, self.offsets, self.lengths
+
     def to(self, device: str | torch.device) -> "MovieLensData":
-        return MovieLensData(self.metadata, *(t.to(device) for t in
-                                              (self.flat_tokens, self.flat_ratings, self.offsets, self.lengths)))
+        return MovieLensData(self.metadata, *(t.to(device) for t in self.tensors))
 
     def windows(self, users: torch.Tensor, before: torch.Tensor,
-                context_window_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(movie tokens, ratings) [N, context] just before position `before` of each user,
-        left-padded with the user's SOS."""
+                context_window_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(movie tokens, ratings, times) [N, context] just before position `before` of each
+        user, left-padded with the user's SOS."""
         slots = window_index(self.offsets, users, before, context_window_size)
-        return self.flat_tokens[slots], self.flat_ratings[slots]
+        return self.flat_tokens[slots], self.flat_ratings[slots], self.flat_times[slots]
 
     def history(self, user: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(movie tokens, ratings) of a user's ratings in time order."""
@@ -145,6 +152,7 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
     movie = _dense_tokens(movie_ids, ratings.movie_id.to_numpy())
     order = time_order(user, ratings.timestamp.to_numpy())
     user, movie, rating = user[order], movie[order], ratings.rating.to_numpy()[order]
+    timestamp = ratings.timestamp.to_numpy().astype(np.int64)[order]
     lengths = np.bincount(user, minlength=len(user_ids))
     offsets = np.concatenate(([0], np.cumsum(lengths + 2)[:-1]))
     flat_tokens = np.full(int((lengths + 2).sum()), metadata.sos, dtype=np.int64)
@@ -154,11 +162,25 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
     slots = np.arange(len(user)) + 2 * user + 1  # the i-th rating of the sorted order
     flat_tokens[slots] = movie
     flat_ratings[slots] = rating
-    return MovieLensData(metadata, *(torch.from_numpy(a) for a in (flat_tokens, flat_ratings, offsets, lengths)))
+    flat_times = _flat_times(timestamp, slots, offsets, lengths, len(flat_tokens))
+    return MovieLensData(metadata, *(torch.from_numpy(a) for a in
+                                     (flat_tokens, flat_ratings, flat_times, offsets, lengths)))
+
+
+def _flat_times(timestamp: np.ndarray, slots: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+                size: int) -> np.ndarray:
+    """The flat layout's timestamps: each rating's at its slot, SOS the user's first, EOS the last
+    (0 for a user without ratings)."""
+    flat = np.zeros(size, dtype=np.int64)
+    flat[slots] = timestamp
+    rated = lengths > 0
+    flat[offsets[rated]] = flat[offsets[rated] + 1]
+    flat[offsets[rated] + lengths[rated] + 1] = flat[offsets[rated] + lengths[rated]]
+    return flat
 
 
 CACHE_NAME = ".movielens_cache.pt"
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def _cache_key(data_dir: Path) -> dict:
@@ -194,7 +216,7 @@ def load_movielens(data_dir: str | Path, cache: bool = True) -> MovieLensData:
         tmp = path.with_name(f"{CACHE_NAME}.{os.getpid()}.tmp")
         try:
             torch.save({"key": key, "metadata": data.metadata.to_dict(),
-                        "tensors": [data.flat_tokens, data.flat_ratings, data.offsets, data.lengths]}, tmp)
+                        "tensors": list(data.tensors)}, tmp)
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             logger.warning(f"could not write the cache {path} ({str(e).splitlines()[0]}); training goes on "
@@ -264,9 +286,11 @@ class Batch(NamedTuple):
 
     movie_tokens: torch.Tensor   # [B, T] input window
     ratings: torch.Tensor        # [B, T]
+    times: torch.Tensor          # [B, T] timestamps
     user_tokens: torch.Tensor    # [B]
     next_movie: torch.Tensor     # [B] target token
     next_rating: torch.Tensor    # [B]
+    next_time: torch.Tensor      # [B] the target's timestamp: when the recommendation is asked for
     history_length: torch.Tensor  # [B] movies the user rated before the target
 
     @property
@@ -306,18 +330,23 @@ def seen_mask(data: MovieLensData, batch: Batch, exclude: str = "history") -> to
 def with_context(batch: Batch, data: MovieLensData, context_window_size: int) -> Batch:
     """The batch's targets with windows of another length, for a model of another context; data
     on the batch's device."""
-    movie_tokens, ratings = data.windows(batch.user_tokens, batch.history_length + 1, context_window_size)
-    return batch._replace(movie_tokens=movie_tokens, ratings=ratings)
+    movie_tokens, ratings, times = data.windows(batch.user_tokens, batch.history_length + 1, context_window_size)
+    return batch._replace(movie_tokens=movie_tokens, ratings=ratings, times=times)
 
 
-def latest_windows(data: MovieLensData, users: torch.Tensor, context_window_size: int) -> Batch:
-    """Windows that end with each user's last rating, to recommend what comes next.
+def latest_windows(data: MovieLensData, users: torch.Tensor, context_window_size: int,
+                   at: torch.Tensor | None = None) -> Batch:
+    """Windows that end with each user's last rating, to recommend what comes next, asked at
+    time `at` ([B] or one timestamp; default: the moment of each user's last rating).
 
     The target slot holds EOS: the next movie is unknown.
     """
     n = data.lengths[users]
+    eos_slot = data.offsets[users] + n + 1
     eos = torch.full_like(users, data.metadata.eos)
-    return Batch(*data.windows(users, n + 1, context_window_size), users, eos, torch.zeros_like(users), n)
+    at = data.flat_times[eos_slot] if at is None else torch.as_tensor(at, dtype=torch.int64).expand(len(users))
+    return Batch(*data.windows(users, n + 1, context_window_size), users, eos, torch.zeros_like(users, dtype=torch.float32),
+                 at, n)
 
 
 def shared_starts(n: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
@@ -339,7 +368,7 @@ class MovieLensSequenceDataset(Dataset):
     """
 
     batch_shapes = "fixed"  # every full batch has one shape: it can be compiled and CUDA-graphed
-    TENSORS = ("user_tokens", "positions", "next_movie", "next_rating")  # one row per target
+    TENSORS = ("user_tokens", "positions", "next_movie", "next_rating", "next_time")  # one row per target
 
     def __init__(self, data: MovieLensData | str | Path, subset: str = "train",
                  context_window_size: int = 5, window_stride: int = 1,
@@ -354,6 +383,7 @@ class MovieLensSequenceDataset(Dataset):
         self.user_tokens, self.positions = user, position
         self.next_movie = data.flat_tokens[data.offsets[user] + position]
         self.next_rating = data.flat_ratings[data.offsets[user] + position]
+        self.next_time = data.flat_times[data.offsets[user] + position]
         self.device_data = data  # the flat layout on the dataset's device
 
     def __len__(self) -> int:
@@ -371,11 +401,11 @@ class MovieLensSequenceDataset(Dataset):
         return part
 
     def __getitem__(self, i: int):
-        movie_tokens, ratings = self.windows(torch.tensor([i]))
+        movie_tokens, ratings, _ = self.windows(torch.tensor([i]))
         return movie_tokens[0], ratings[0], self.user_tokens[i], self.next_movie[i], self.next_rating[i]
 
-    def windows(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(movie tokens, ratings) [N, context] of the windows at index, gathered from the flat layout."""
+    def windows(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(movie tokens, ratings, times) [N, context] of the windows at index, gathered from the flat layout."""
         return self.device_data.windows(self.user_tokens[index], self.positions[index], self.context_window_size)
 
     @property
@@ -406,7 +436,7 @@ class MovieLensSequenceDataset(Dataset):
 
     def batch(self, index: torch.Tensor) -> Batch:
         return Batch(*self.windows(index), self.user_tokens[index], self.next_movie[index], self.next_rating[index],
-                     self.positions[index] - 1)
+                     self.next_time[index], self.positions[index] - 1)
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 rank: int = 0, world: int = 1) -> Iterator[Batch]:
@@ -464,6 +494,8 @@ class ChunkBatch(NamedTuple):
     segments: torch.Tensor      # [R, T] which chunk of the batch each position belongs to; -1: padding
     targets: torch.Tensor       # [R, T] the movie token after each input position
     loss_mask: torch.Tensor     # [R, T] positions whose target this chunk trains on
+    times: torch.Tensor         # [R, T] each input's timestamp
+    target_times: torch.Tensor  # [R, T] each target's timestamp
 
     @property
     def padding_mask(self) -> torch.Tensor:
@@ -471,7 +503,7 @@ class ChunkBatch(NamedTuple):
         return self.segments < 0
 
 
-PAD_VALUES = ChunkBatch(0, 0, 0, -1, 0, False)  # what a packed row holds where no chunk is
+PAD_VALUES = ChunkBatch(0, 0, 0, -1, 0, False, 0, 0)  # what a packed row holds where no chunk is
 
 
 def pack_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -569,13 +601,13 @@ class SequenceChunks:
         end = np.where(k == 0, newest_end, newest_end - np.repeat(shift, counts) - (k - 1) * c)
         lower = np.where(k == 0, end - np.repeat(shift, counts), end - c)  # covers (lower, end]
         position = end[:, None] - c + 1 + np.arange(c)  # target positions
-        offsets, flat = self.data.offsets, self.data.flat_tokens
         user, end = torch.from_numpy(user), torch.from_numpy(end)
+        inputs, targets = (window_index(self.data.offsets, user, e, c) for e in (end, end + 1))
         padding = torch.from_numpy(position - 1 < 0)
-        tensors = (flat[window_index(offsets, user, end, c)], user[:, None].expand(-1, c),
+        tensors = (self.data.flat_tokens[inputs], user[:, None].expand(-1, c),
                    torch.arange(c).expand(len(user), -1), torch.where(padding, -1, 0),
-                   flat[window_index(offsets, user, end + 1, c)],
-                   torch.from_numpy((position > lower[:, None]) & (position >= 1)))
+                   self.data.flat_tokens[targets], torch.from_numpy((position > lower[:, None]) & (position >= 1)),
+                   self.data.flat_times[inputs], self.data.flat_times[targets])
         return ChunkBatch(*(t.to(self.device) for t in tensors))
 
     def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None,

@@ -92,6 +92,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     split = config.trainer_config.split
     print(f"{metadata.name}, split {split} ({args.subset}, {len(dataset):,} targets), exclude {args.exclude}, "
           f"ranking over all {metadata.num_movies:,} movies; [95% bootstrap interval over users]")
+    print(f"the model's time: {config.model_config.time_use}" + (
+        " (it reads each target's timestamp: the moment the recommendation is asked for)"
+        if config.model_config.query_time else ""))
     print(markdown_table(results, ks, intervals, METRICS if args.all_metrics else HEADLINE))
     print("One target per user: MAP@K equals MRR@K and Recall@K equals HR@K"
           + ("." if args.all_metrics else "; --all-metrics prints them, and Precision@K and full MRR."))
@@ -111,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         plot_results(results, ks, args.plot)
         print(f"wrote {args.plot}")
     out = metrics_report(args.checkpoint, args.subset, args.exclude, ks)
-    report = json.dumps({"split": split, "subset": args.subset, "exclude": args.exclude, "k": list(ks),
+    report = json.dumps({"split": split, "subset": args.subset, "time": config.model_config.time_use, "exclude": args.exclude, "k": list(ks),
                          "targets": len(dataset), "results": results, "intervals": intervals,
                          "resamples": args.resamples, "against": args.against, "paired_difference": comparison},
                         indent=2)

@@ -49,26 +49,37 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return torch.where(keep, x * (65536 / (65536 - threshold)), 0.0)
 
 
+def causal_mask(q: torch.Tensor) -> torch.Tensor:
+    """Bool [T, T], True where a query may attend: itself and the positions before it."""
+    t = q.shape[-2]
+    return torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+
+
 def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                          dropout_p: float) -> torch.Tensor:
+                          dropout_p: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal softmax attention written out, its weights through dropout(); the products are
     broadcast sums when compiled for a CPU over at most BROADCAST_MAX_POSITIONS, else matmuls."""
-    t = q.shape[-2]
-    if mask is None:
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    mask = causal_mask(q) if mask is None else mask
     broadcast = is_broadcast(q)
     scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if broadcast else q @ k.transpose(-2, -1)
-    weights = (scores * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+    scores = scores * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     weights = dropout(weights, dropout_p, True)
     return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if broadcast else weights @ v
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-              dropout_p: float) -> torch.Tensor:
+              dropout_p: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention over [B, H, T, d/H]; mask: bool [B, 1, T, T], True where a query may
-    attend (causal already), or None for plain causal attention. dropout_p: 0 in evaluation."""
+    attend (causal already), or None for plain causal attention. dropout_p: 0 in evaluation.
+    bias: float [B, H, T, T] added to the scores before the softmax (a relative attention bias);
+    SDPA takes it, with the mask, as one additive mask and stays fused."""
     if is_packed_dropout(q, dropout_p, True) or is_broadcast(q):
-        return written_out_attention(q, k, v, mask, dropout_p)
+        return written_out_attention(q, k, v, mask, dropout_p, bias)
+    if bias is not None:
+        mask = bias.to(q.dtype).masked_fill(~(causal_mask(q) if mask is None else mask), float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
 
 

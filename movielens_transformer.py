@@ -7,6 +7,12 @@ the Transformer reads a user's history up to `context_window_size` (left-padded,
 mask; in training several short histories may share a row, each attending only to itself), and
 [state || user embedding] at every position goes through the MLP to predict the movie after that
 position; prediction uses the last position.
+
+Time (off by default, either mode): `position_bias` and `time_bias` add HSTU's learned relative
+attention bias, per head and layer, looked up by the query-key distance in positions and by the
+bucket of their log time gap. The query's time is that of its own input rating, or with
+`query_time` that of the rating it predicts, the moment the recommendation is asked for, which
+a deployed recommender knows; query time also adds an embedding of the gap between the two.
 """
 from __future__ import annotations
 
@@ -44,6 +50,38 @@ class MovieLensTransformerConfig:
     mode: str = "window"                  # or "sequence"
     tie_output_embeddings: bool = False   # output layer = movie embeddings (sequence mode)
     init: str = "post"                    # "post": uniform +-0.1; "normal": N(0, 0.02)
+    position_bias: bool = False           # attention bias by query-key distance
+    time_bias: bool = False               # attention bias by query-key log time gap
+    query_time: bool = False              # the time bias reads the predicted rating's time
+
+    @property
+    def time_use(self) -> str:
+        """What the model knows of time, which every results row states: a model with query time
+        knows when the rating it predicts was made, one without does not."""
+        return "query time" if self.query_time else "rating times" if self.time_bias else "none"
+
+
+TIME_BUCKETS = 64  # ln(1 + seconds) / 0.301 (HSTU's step): 0 s, 1 s, ..., 3 years in 62; longer in the last
+
+
+def time_buckets(gap: torch.Tensor) -> torch.Tensor:
+    """The bucket of each time gap (seconds, its size only): floor(ln(1 + |gap|) / 0.301), at most
+    TIME_BUCKETS - 1. Log buckets: a minute and two differ as much as a year and two."""
+    return (torch.log1p(gap.abs().float()) / 0.301).long().clamp(max=TIME_BUCKETS - 1)
+
+
+class RelativeBias(nn.Module):
+    """A learned bias per head on each attention score, by the query-key distance in positions
+    and/or the bucket of their time gap: [.., T, T] indices -> [.., H, T, T]."""
+
+    def __init__(self, num_heads: int, context_window_size: int, position: bool, time: bool):
+        super().__init__()
+        self.position = nn.Embedding(context_window_size, num_heads) if position else None
+        self.time = nn.Embedding(TIME_BUCKETS, num_heads) if time else None
+
+    def forward(self, distance: Optional[torch.Tensor], gap: Optional[torch.Tensor]) -> torch.Tensor:
+        parts = [table(index) for table, index in ((self.position, distance), (self.time, gap)) if table is not None]
+        return sum(parts[1:], parts[0]).movedim(-1, -3)
 
 
 class Dropout(nn.Dropout):
@@ -54,20 +92,25 @@ class Dropout(nn.Dropout):
 
 
 class CausalMultiHeadAttention(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, position_bias: bool = False, time_bias: bool = False):
         super().__init__()
         self.num_heads = config.num_heads
         self.qkv = nn.Linear(config.embedding_dimension, 3 * config.embedding_dimension)
         self.out = nn.Linear(config.embedding_dimension, config.embedding_dimension)
         self.attention_dropout = config.attention_dropout
         self.residual_dropout = Dropout(config.residual_dropout)
+        self.relative_bias = (RelativeBias(config.num_heads, config.context_window_size, position_bias, time_bias)
+                              if position_bias or time_bias else None)
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """attention_mask: bool [B, 1, T, T], True where a query may attend (causal already)."""
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                distance: Optional[torch.Tensor] = None, gap: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """attention_mask: bool [B, 1, T, T], True where a query may attend (causal already);
+        distance and gap: the relative bias's indices (Transformer.relations)."""
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)
                    for z in self.qkv(x).split(d, dim=2))
-        y = attention(q, k, v, attention_mask, self.attention_dropout if self.training else 0.0)
+        bias = None if self.relative_bias is None else self.relative_bias(distance, gap)
+        y = attention(q, k, v, attention_mask, self.attention_dropout if self.training else 0.0, bias)
         return self.residual_dropout(self.out(y.transpose(1, 2).reshape(b, t, d)))
 
 
@@ -86,46 +129,76 @@ class MLP(nn.Module):
 class CausalTransformerBlock(nn.Module):
     """Pre-LayerNorm decoder block (GPT-2's): x + causal attention(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, position_bias: bool = False, time_bias: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.embedding_dimension)
-        self.attention = CausalMultiHeadAttention(config)
+        self.attention = CausalMultiHeadAttention(config, position_bias, time_bias)
         self.ln_2 = nn.LayerNorm(config.embedding_dimension)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attention(self.ln_1(x), attention_mask)
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                distance: Optional[torch.Tensor] = None, gap: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attention(self.ln_1(x), attention_mask, distance, gap)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """Token + position embeddings, causal blocks, final LayerNorm: [B, T] -> [B, T, d]."""
+    """Token + position embeddings, causal blocks, final LayerNorm: [B, T] -> [B, T, d]; with the
+    relative position and time biases and query time where asked (the module's docstring)."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, position_bias: bool = False, time_bias: bool = False,
+                 query_time: bool = False):
         super().__init__()
         self.config = config
+        self.position_bias, self.time_bias, self.query_time = position_bias, time_bias, query_time
         self.token_embedding = nn.Embedding(config.vocab_size, config.embedding_dimension)
         self.position_embedding = nn.Embedding(config.context_window_size, config.embedding_dimension)
+        self.gap_embedding = nn.Embedding(TIME_BUCKETS, config.embedding_dimension) if query_time else None
         self.dropout = Dropout(config.embedding_dropout)
-        self.layers = nn.ModuleList(CausalTransformerBlock(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(CausalTransformerBlock(config, position_bias, time_bias)
+                                    for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.embedding_dimension)
 
+    @property
+    def reads_time(self) -> bool:
+        return self.time_bias or self.query_time
+
     def forward(self, movie_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segments: Optional[torch.Tensor] = None, times: Optional[torch.Tensor] = None,
+                query_times: Optional[torch.Tensor] = None) -> torch.Tensor:
         """positions [B, T]: each input's position-embedding index (default 0..T-1); segments
         [B, T]: which sequence of its row each position belongs to, -1 at padding (default: one
-        sequence a row, no padding). A position attends to the earlier ones of its own segment."""
+        sequence a row, no padding). A position attends to the earlier ones of its own segment.
+        times [B, T]: each input's timestamp; query_times [B, T]: that of the rating each position
+        predicts (read with query_time only)."""
         t = movie_tokens.shape[1]
         if t > self.config.context_window_size:
             raise ValueError(f"input of length {t} exceeds context_window_size "
                              f"{self.config.context_window_size}")
+        if self.reads_time and (times is None or self.query_time and query_times is None):
+            raise ValueError("this model reads timestamps: pass times" + " and query_times" * self.query_time)
         if positions is None:
             positions = torch.arange(t, device=movie_tokens.device)
-        x = self.dropout(self.token_embedding(movie_tokens) + self.position_embedding(positions))
+        x = self.token_embedding(movie_tokens) + self.position_embedding(positions)
+        if self.gap_embedding is not None:
+            x = x + self.gap_embedding(time_buckets(query_times - times))
+        x = self.dropout(x)
         mask = None if segments is None else attention_mask(segments)
+        distance, gap = self.relations(positions, times, query_times)
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, distance, gap)
         return self.ln_f(x)
+
+    def relations(self, positions: torch.Tensor, times: Optional[torch.Tensor],
+                  query_times: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The relative bias's indices [.., T, T], computed once for all layers: each query's
+        distance to each key in positions, and the bucket of their time gap (None where unused)."""
+        distance = gap = None
+        if self.position_bias:
+            distance = (positions[..., :, None] - positions[..., None, :]).clamp(0, self.config.context_window_size - 1)
+        if self.time_bias:
+            gap = time_buckets((query_times if self.query_time else times)[:, :, None] - times[:, None, :])
+        return distance, gap
 
 
 def attention_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -170,7 +243,7 @@ class MovieLensTransformer(nn.Module):
         super().__init__()
         self.config = config
         tc = config.transformer_config
-        self.transformer = Transformer(tc)
+        self.transformer = Transformer(tc, config.position_bias, config.time_bias, config.query_time)
         self.user_embedding = nn.Embedding(config.num_users, config.user_embedding_dimension)
         width = tc.embedding_dimension + config.user_embedding_dimension
         if config.mode == "window":
@@ -180,52 +253,61 @@ class MovieLensTransformer(nn.Module):
         if config.tie_output_embeddings:  # config.check_values: the last hidden size is the embedding's
             self.interaction_mlp.net[-1].weight = self.transformer.token_embedding.weight
 
-    def _features(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor,
-                  positions: Optional[torch.Tensor], segments: Optional[torch.Tensor]) -> torch.Tensor:
+    def _features(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: Optional[torch.Tensor],
+                  segments: Optional[torch.Tensor], times: Optional[torch.Tensor],
+                  query_times: Optional[torch.Tensor]) -> torch.Tensor:
         """[state || user embedding] at every position: [B, T, d + du]; user_tokens [B] (one
         user a row) or [B, T] (a user per position)."""
-        states = self.transformer(movie_tokens, positions, segments)
+        states = self.transformer(movie_tokens, positions, segments, times, query_times)
         users = self.user_embedding(user_tokens)
         if user_tokens.dim() == 1:
             users = users[:, None, :].expand(-1, movie_tokens.shape[1], -1)
         return torch.cat([states, users], dim=-1)
 
-    def hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor,
-               padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+               times: Optional[torch.Tensor] = None, next_time: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, H]: the interaction MLP's last hidden layer for the movie after each input window,
         which output_weight turns into logits.
 
         padding_mask: bool [B, T], True at left padding. The sequence mode masks those positions;
-        the post's window model reads the whole window, its SOS padding included, as tokens."""
+        the post's window model reads the whole window, its SOS padding included, as tokens.
+        times [B, T] and next_time [B]: the inputs' and the predicted rating's timestamps, for
+        a model that reads time."""
         b, t = movie_tokens.shape
+        query_times = None if times is None or next_time is None else torch.cat([times[:, 1:], next_time[:, None]], 1)
         if self.config.mode == "sequence":
-            features = self._features(movie_tokens, user_tokens, None, segments_of(padding_mask))
+            features = self._features(movie_tokens, user_tokens, None, segments_of(padding_mask), times, query_times)
             return self.interaction_mlp.hidden(features[:, -1])
         if t != self.config.transformer_config.context_window_size:
             raise ValueError(f"window of length {t}; the model takes exactly "
                              f"{self.config.transformer_config.context_window_size}")
-        return self.interaction_mlp.hidden(self._features(movie_tokens, user_tokens, None, None).reshape(b, -1))
+        features = self._features(movie_tokens, user_tokens, None, None, times, query_times)
+        return self.interaction_mlp.hidden(features.reshape(b, -1))
 
     def sequence_hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: torch.Tensor,
-                        segments: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+                        segments: torch.Tensor, select: torch.Tensor, times: Optional[torch.Tensor] = None,
+                        target_times: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, H]: the last hidden layer at the N positions where select is True (sequence mode),
-        of rows that may hold several sequences (Transformer.forward's positions and segments)."""
-        return self.interaction_mlp.hidden(self._features(movie_tokens, user_tokens, positions, segments)[select])
+        of rows that may hold several sequences (Transformer.forward's positions and segments;
+        times and target_times [R, T]: the inputs' and their targets' timestamps)."""
+        features = self._features(movie_tokens, user_tokens, positions, segments, times, target_times)
+        return self.interaction_mlp.hidden(features[select])
 
     @property
     def output_weight(self) -> torch.Tensor:
         """[vocab, H]: logits = hidden @ output_weight.T (the movie embeddings when tied)."""
         return self.interaction_mlp.net[-1].weight
 
-    def forward(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor,
-                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                times: Optional[torch.Tensor] = None, next_time: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, vocab] logits for the movie after each input window (see hidden)."""
-        return self.interaction_mlp.net[-1](self.hidden(movie_tokens, user_tokens, padding_mask))
+        return self.interaction_mlp.net[-1](self.hidden(movie_tokens, user_tokens, padding_mask, times, next_time))
 
     def sequence_logits(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: torch.Tensor,
-                        segments: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+                        segments: torch.Tensor, select: torch.Tensor, times: Optional[torch.Tensor] = None,
+                        target_times: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, vocab] logits at the N positions where select is True (sequence mode)."""
-        hidden = self.sequence_hidden(movie_tokens, user_tokens, positions, segments, select)
+        hidden = self.sequence_hidden(movie_tokens, user_tokens, positions, segments, select, times, target_times)
         return self.interaction_mlp.net[-1](hidden)
 
 

@@ -24,7 +24,8 @@ def model_scorer(model: torch.nn.Module, compiled: bool = False) -> Scorer:
 
     compiled: through torch.compile, with any batch size. It costs seconds of compilation once
     and pays off where evaluation repeats, as in training's validation every epoch."""
-    scorer = lambda batch: model(batch.movie_tokens, batch.user_tokens, batch.padding_mask).float()
+    scorer = lambda batch: model(batch.movie_tokens, batch.user_tokens, batch.padding_mask, batch.times,
+                                 batch.next_time).float()
     return torch.compile(scorer, dynamic=True) if compiled else scorer
 
 

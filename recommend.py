@@ -2,11 +2,13 @@
 
 Prints the user's recent history and the top-k movies that would come next (MovieLens id, title,
 genres, the model's probability), with every movie the user has rated removed; --png draws the
-row of cards (plots.draw_cards).
+row of cards (plots.draw_cards). A model trained with query time (model_config.query_time) reads
+when the recommendation is asked for: --at, by default the moment of the user's last rating.
 """
 from __future__ import annotations
 
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -21,10 +23,12 @@ from ranking import model_scorer
 
 
 @torch.inference_mode()
-def recommend(model, data: MovieLensData, users: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def recommend(model, data: MovieLensData, users: torch.Tensor, k: int,
+              at: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-k tokens, probabilities) per user after all of each user's ratings, rated movies
-    removed: the model's softmax over the movies the user has not rated."""
-    batch = latest_windows(data, users, model.config.transformer_config.context_window_size)
+    removed: the model's softmax over the movies the user has not rated. at: when they are
+    asked for (a timestamp; default each user's last rating), for a model with query time."""
+    batch = latest_windows(data, users, model.config.transformer_config.context_window_size, at)
     scores = model_scorer(model)(batch).masked_fill(seen_mask(data, batch), float("-inf"))
     top = scores.softmax(dim=1).topk(k, dim=1)
     return top.indices, top.values
@@ -38,6 +42,43 @@ def user_token(metadata: DatasetMetadata, user_id: int) -> int:
                         f"{min(metadata.user_ids)} to {max(metadata.user_ids)}") from None
 
 
+def parse_time(text: str) -> int:
+    """Seconds since 1970 of --at: a number of seconds, or an ISO date or date and time (UTC unless
+    it names a zone)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"--at {text!r} is neither seconds since 1970 nor an ISO date such as 2003-02-28 or "
+                        "2003-02-28T17:30") from None
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp())
+
+
+def utc(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def last_rating_time(data: MovieLensData, token: int) -> int:
+    return int(data.flat_times[data.offsets[token] + data.lengths[token]])
+
+
+def request_time(at: Optional[str], model, data: MovieLensData, token: int, user_id: int) -> Optional[int]:
+    """--at as a timestamp, checked: only a model with query time reads it, and never before the
+    user's last rating (the model was trained on gaps forward in time)."""
+    if at is None:
+        return None
+    if not model.config.query_time:
+        raise UserError("--at: this model does not read the time of the request (its model_config.query_time is "
+                        "false); leave --at out")
+    seconds, last = parse_time(at), last_rating_time(data, token)
+    if seconds < last:
+        raise UserError(f"--at {at} is before user {user_id}'s last rating ({utc(last)}); give a later time")
+    return seconds
+
+
 def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
     parser = argument_parser(__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -47,6 +88,8 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
     parser.add_argument("--png", type=Path, help="save the row of cards here")
     parser.add_argument("--history", type=int, default=5, help="recent movies to show")
     parser.add_argument("--data-dir", help="MovieLens folder (default: the checkpoint's)")
+    parser.add_argument("--at", help="when the recommendation is asked for, for a model with query time: seconds "
+                                     "since 1970 or an ISO date (UTC); default: the moment of the user's last rating")
     args = parser.parse_args(argv)
     if args.k < 1 or args.history < 0:
         parser.error("-k must be at least 1 and --history at least 0")
@@ -55,6 +98,7 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
     refuse_to_overwrite(args.png, "--png", inputs_of(args.checkpoint, config, args.data_dir))
     token = user_token(metadata, args.user)
     data = data_for_checkpoint(config, metadata, args.data_dir)
+    at = request_time(args.at, model, data, token, args.user)
     movies, ratings = data.history(token)
     unrated = metadata.num_movies - len(set(movies.tolist()))
     if args.k > unrated:
@@ -66,7 +110,10 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
     for movie, rating in zip(recent, ratings[len(movies) - shown:].tolist()):
         stars = f"{rating:g} star{'' if rating == 1 else 's'}"
         print(f"  {metadata.movie_ids[movie]:>6}  {stars:<8}  {metadata.titles[movie]}  [{metadata.genres[movie]}]")
-    tokens, scores = recommend(model, data, torch.tensor([token]), args.k)
+    tokens, scores = recommend(model, data, torch.tensor([token]), args.k, at)
+    if model.config.query_time:
+        print(f"asked at {utc(at)}" if at is not None else
+              f"asked at {utc(last_rating_time(data, token))}, the user's last rating (--at sets another time)")
     print(f"top {args.k} next movies (rated movies excluded; p: the model's probability that it is the next "
           "movie rated):")
     result = []

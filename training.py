@@ -44,9 +44,9 @@ def batch_loss(model: torch.nn.Module, batch, loss: Loss) -> tuple[torch.Tensor,
     (a target at every trained position)."""
     if isinstance(batch, ChunkBatch):
         hidden = model.sequence_hidden(batch.movie_tokens, batch.user_tokens, batch.positions, batch.segments,
-                                      batch.loss_mask)
+                                      batch.loss_mask, batch.times, batch.target_times)
         return loss(hidden, model.output_weight, batch.targets[batch.loss_mask]), batch.loss_mask.sum()
-    hidden = model.hidden(batch.movie_tokens, batch.user_tokens, batch.padding_mask)
+    hidden = model.hidden(batch.movie_tokens, batch.user_tokens, batch.padding_mask, batch.times, batch.next_time)
     return loss(hidden, model.output_weight, batch.next_movie), len(batch.next_movie)
 
 
