@@ -12,8 +12,8 @@ A grid file maps variant names to the overrides that make them (`base: {}` is th
 Each variant and seed is one `python model_train.py` run (its seed `trainer_config.seed` = 1, 2,
 ...), chosen on validation NDCG@10 as always, then one `python eval.py` of its best.pt: the test
 targets are read once per finished run. `results.csv` and `results.md` in --out hold a row per
-run (variant, seed, best epoch, validation and test metrics with the test's bootstrap interval,
-minutes) and mean +- standard deviation per variant, beside the most-rated baseline on the same
+run (variant, what its model knows of time, seed, best epoch, validation and test metrics with
+the test's bootstrap interval, minutes) and mean +- standard deviation per variant, beside the most-rated baseline on the same
 test targets (a run below it has learnt less than popularity). Every run also lands in TensorBoard's
 HParams view (`tensorboard --logdir <out>/runs`). Each run's log shows as it trains. A finished
 run is not run again; a stopped one resumes from its last.pt.
@@ -32,13 +32,13 @@ from typing import Optional
 import yaml
 from tbparse import SummaryReader
 
-from checkpoint import load_checkpoint, metrics_report
+from checkpoint import load_checkpoint, metrics_report, saved_config
 from config import DEFAULT_CONFIG, load_config, parse_yaml
 from errors import ConfigError, Interrupted, UserError, argument_parser, run_script
 from files import atomic_write
 
 ROOT = Path(__file__).resolve().parent
-COLUMNS = ["variant", "seed", "best_epoch", "validation_ndcg@10", "validation_hr@10", "test_ndcg@10", "test_hr@10",
+COLUMNS = ["variant", "time", "seed", "best_epoch", "validation_ndcg@10", "validation_hr@10", "test_ndcg@10", "test_hr@10",
            "test_mrr", "test_ndcg@10_low", "test_ndcg@10_high", "minutes", "most_rated_test_ndcg@10",
            "most_rated_test_hr@10", "most_rated_test_mrr"]
 SUMMARY = ["validation_ndcg@10", "test_ndcg@10", "test_hr@10", "test_mrr"]
@@ -96,10 +96,11 @@ def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Pa
     if not report.exists():
         run(["eval.py", "--checkpoint", str(folder / "best.pt"), "--k", "10"], f"evaluating {name}")
     test = json.loads(report.read_text())
-    best = load_checkpoint(folder / "best.pt")["state"]
+    checkpoint = load_checkpoint(folder / "best.pt")
+    best = checkpoint["state"]
     scalars = SummaryReader(str(out / "runs" / name)).scalars
     at_best = scalars[(scalars.step == best["epoch"]) & (scalars.tag == "metrics/validation/hr@10")].value
-    return {"variant": variant, "seed": seed, "best_epoch": best["epoch"], "validation_ndcg@10": best["best_ndcg"],
+    return {"variant": variant, "time": saved_config(checkpoint).model_config.time_use, "seed": seed, "best_epoch": best["epoch"], "validation_ndcg@10": best["best_ndcg"],
             "validation_hr@10": float(at_best.iloc[-1]) if len(at_best) else float("nan"),
             "test_ndcg@10": test["results"]["model"]["ndcg@10"], "test_hr@10": test["results"]["model"]["hr@10"],
             "test_mrr": test["results"]["model"]["mrr"], "test_ndcg@10_low": test["intervals"]["model"]["ndcg@10"][0],
@@ -114,7 +115,7 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     out = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
-        entry = {"variant": variant, "runs": len(mine)}
+        entry = {"variant": variant, "time": mine[0]["time"], "runs": len(mine)}
         for metric in SUMMARY:
             values = [r[metric] for r in mine]
             entry[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -125,18 +126,18 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 def markdown(rows: list[dict], summary: list[dict]) -> str:
     """The summary (mean ± std per variant, then the most-rated baseline on the same test targets)
     and a row per run, with readable headers."""
-    header = ["variant", "runs", *(NAMES[m] for m in SUMMARY)]
+    header = ["variant", "time", "runs", *(NAMES[m] for m in SUMMARY)]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    lines += [f"| {s['variant']} | {s['runs']} | " + " | ".join(f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in SUMMARY) + " |"
-              for s in summary]
+    lines += [f"| {s['variant']} | {s['time']} | {s['runs']} | "
+              + " | ".join(f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in SUMMARY) + " |" for s in summary]
     baselines = {tuple(r[f"most_rated_{m}"] for m in SUMMARY[1:]): r["variant"] for r in rows}
     for values, variant in baselines.items():  # one row, unless variants differ in data or split
         name = YARDSTICK if len(baselines) == 1 else f"{YARDSTICK}, {variant}'s data"
-        lines.append(f"| {name} | | | " + " | ".join(f"{v:.4f}" for v in values) + " |")
-    runs = ["variant", "seed", *(NAMES[c] for c in COLUMNS[2:8]), "test NDCG@10 95% interval", "minutes"]
+        lines.append(f"| {name} | none | | | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    runs = ["variant", "time", "seed", *(NAMES[c] for c in COLUMNS[3:9]), "test NDCG@10 95% interval", "minutes"]
     lines += ["", "| " + " | ".join(runs) + " |", "|---" * len(runs) + "|"]
     for r in rows:
-        cells = [r["variant"], r["seed"], r["best_epoch"], *(f"{r[c]:.4f}" for c in COLUMNS[3:8]),
+        cells = [r["variant"], r["time"], r["seed"], r["best_epoch"], *(f"{r[c]:.4f}" for c in COLUMNS[4:9]),
                  f"[{r['test_ndcg@10_low']:.4f}, {r['test_ndcg@10_high']:.4f}]", f"{r['minutes']:.1f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"

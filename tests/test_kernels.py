@@ -35,12 +35,17 @@ def test_dropout_outside_training_or_at_the_ends_is_f_dropout():
 @pytest.mark.parametrize("fn", [attention, written_out_attention])
 def test_attention_equals_sdpa(fn, compiled):
     """Eager, the written-out products are matmuls; compiled for a CPU over a short window,
-    broadcast sums: either way the values and gradients of SDPA."""
+    broadcast sums: either way the values and gradients of SDPA, with a relative bias too (an
+    additive mask in SDPA)."""
     fn = torch.compile(fn) if compiled else fn
-    for mask in (None, padded_causal_mask()):
+    for mask, bias in ((None, None), (padded_causal_mask(), None), (None, torch.randn(2, 3, 5, 5)),
+                       (padded_causal_mask(), torch.randn(2, 3, 5, 5))):
         qkv = torch.randn(3, 2, 3, 5, 8, requires_grad=True)
-        expected = F.scaled_dot_product_attention(*qkv, attn_mask=mask, is_causal=mask is None)
-        out = fn(*qkv, mask, 0.0)
+        allowed = torch.ones(5, 5, dtype=torch.bool).tril() if mask is None else mask
+        additive = None if bias is None else bias.masked_fill(~allowed, float("-inf"))
+        expected = F.scaled_dot_product_attention(*qkv, attn_mask=mask if bias is None else additive,
+                                                  is_causal=mask is None and bias is None)
+        out = fn(*qkv, mask, 0.0, bias)
         assert torch.allclose(out, expected, atol=1e-6)
         weights = torch.randn_like(out)
         grad, expected_grad = (torch.autograd.grad((y * weights).sum(), qkv)[0] for y in (out, expected))
