@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks in one run of at most 10 minutes on one H100-class GPU:
+# The GPU checks in one run on one H100-class GPU, about 8 minutes (each step has a timeout; all of
+# them together 12):
 #   bash benchmarks/gpu_check.sh [OUT_FOLDER]     (needs data/ml-1m; writes logs and JSON to OUT_FOLDER)
 # 1. the CUDA-only tests; 2. bench.py on CUDA; 3. one sequence-mode epoch (sequence_epoch.py), eager
-# and compiled; 4. configs/ml1m_best.yaml (sequence mode) for a few
+# and compiled, then with each time switch; 4. configs/ml1m_best.yaml (sequence mode) for a few
 # epochs: seconds per epoch and peak GPU memory; 5. the sequence mode on a generated ML-20M-size
 # folder (configs/ml20m.yaml): training targets per second and peak GPU memory.
 # Goals: the post's model <= 1 s per ML-1M epoch; ml1m_best to its best validation epoch in
@@ -21,6 +22,11 @@ step "bench.py" && timeout 150 python benchmarks/bench.py --data-dir data/ml-1m 
 step "sequence_epoch.py (eager, then compiled)" && for c in false true; do timeout 90 python benchmarks/sequence_epoch.py \
     --data-dir data/ml-1m --device cuda --set trainer_config.compile=$c --json "$out/sequence_compile_$c.json" 2>&1 \
     | tail -4 | tee -a "$out/sequence.txt"; done
+step "sequence_epoch.py with the time switches (position bias; + time bias; + query time)" && for sw in \
+    "model_config.position_bias=true" "model_config.position_bias=true model_config.time_bias=true" \
+    "model_config.position_bias=true model_config.time_bias=true model_config.query_time=true"; do
+    timeout 40 python benchmarks/sequence_epoch.py --data-dir data/ml-1m --device cuda \
+    $(for kv in $sw; do echo --set "$kv"; done) 2>&1 | tail -2 | sed "s/^/$sw: /" | tee -a "$out/sequence_time.txt"; done
 step "ml1m_best, 4 epochs" && timeout 150 python model_train.py --config configs/ml1m_best.yaml \
     --set trainer_config.num_epochs=4 --set trainer_config.data_dir=data/ml-1m --set trainer_config.run_name=gpu-ml1m \
     --set trainer_config.model_dir="$out/models" --set trainer_config.tensorboard_dir="$out/runs" 2>&1 \
