@@ -19,9 +19,11 @@ import dacite
 import torch
 import yaml
 
-from data import SPLITS, DatasetMetadata, MovieLensData, MovieLensSequenceDataset, SequenceChunks, load_movielens
+from data import (SPLITS, YEAR_BUCKETS, DatasetMetadata, MovieLensData, MovieLensSequenceDataset, SequenceChunks,
+                  load_movielens, movie_feature_tensors)
 from errors import ConfigError
-from movielens_transformer import INITS, MODES, MovieLensTransformer, MovieLensTransformerConfig
+from movielens_transformer import (INITS, MODES, MOVIE_FEATURES, USER_FEATURES, Features, MovieLensTransformer,
+                                   MovieLensTransformerConfig)
 from releases import ensure_movielens
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "training_config.yaml"
@@ -43,6 +45,7 @@ class TrainerConfig:
     min_lr_ratio: float = 0.1
     grad_clip: Optional[float] = None    # max global gradient norm; null: no clipping
     label_smoothing: float = 0.0
+    rating_weights: Optional[list[float]] = None  # a loss weight per star, 1 to 5 (half stars: the next); null: 1
     loss: str = "full"                   # full: softmax over all movies; sampled: over negatives
     loss_chunk_rows: Optional[int] = None  # full loss in chunks of this many rows (bounds its memory)
     negatives: str = "uniform"           # sampled loss: uniform, or in_batch (logQ-corrected)
@@ -208,6 +211,12 @@ def check_values(config: Config, origins: Origins) -> None:
              f"a list ending in embedding_dimension ({t.embedding_dimension}) when tie_output_embeddings is true")
     need(not mc.query_time or mc.time_bias, f"{mp}.query_time", mc.query_time,
          "false unless model_config.time_bias is true (query time is the time bias's query)")
+    for name, choices in (("movie_features", MOVIE_FEATURES), ("user_features", USER_FEATURES)):
+        value = getattr(mc, name)
+        need(set(value) <= set(choices) and len(set(value)) == len(value), f"{mp}.{name}", value,
+             f"a list of distinct names from {', '.join(choices)}")
+    need(not mc.user_features or mc.user_embedding_dimension >= 1, f"{mp}.user_features", mc.user_features,
+         "[] when user_embedding_dimension is 0 (the features join the user embedding)")
     one_of(tc, trp, "split", SPLITS)
     need(mc.mode != "sequence" or tc.split == "leave_one_out", f"{trp}.split", tc.split,
          "leave_one_out in the sequence mode")
@@ -222,6 +231,9 @@ def check_values(config: Config, origins: Origins) -> None:
     need(0 <= tc.min_lr_ratio <= 1, f"{trp}.min_lr_ratio", tc.min_lr_ratio, "in [0, 1]")
     need(tc.grad_clip is None or tc.grad_clip > 0, f"{trp}.grad_clip", tc.grad_clip, "positive, or null")
     probability(tc, trp, "label_smoothing")
+    need(tc.rating_weights is None or len(tc.rating_weights) == 5 and all(
+        math.isfinite(w) and w >= 0 for w in tc.rating_weights) and sum(tc.rating_weights) > 0,
+        f"{trp}.rating_weights", tc.rating_weights, "null or five weights for 1 to 5 stars, at least 0, not all 0")
     one_of(tc, trp, "loss", ("full", "sampled"))
     one_of(tc, trp, "negatives", ("uniform", "in_batch"))
     at_least(tc, trp, 1, "num_negatives")
@@ -321,10 +333,26 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_model(config: Config, metadata: DatasetMetadata) -> MovieLensTransformer:
-    """The model for this data: vocabulary and user count come from the data set."""
-    config.model_config.transformer_config.vocab_size = metadata.vocab_size
-    config.model_config.num_users = metadata.num_users
-    return MovieLensTransformer(config.model_config)
+    """The model for this data: vocabulary and user count come from the data set, and so do the
+    movie and user features a config asks for."""
+    mc = config.model_config
+    mc.transformer_config.vocab_size = metadata.vocab_size
+    mc.num_users = metadata.num_users
+    return MovieLensTransformer(mc, model_features(config, metadata) if mc.movie_features or mc.user_features else None)
+
+
+def model_features(config: Config, metadata: DatasetMetadata) -> Features:
+    """The features the model reads, from the data set's metadata; a user feature that the release
+    does not have is a ConfigError naming it."""
+    missing = [name for name in config.model_config.user_features if name not in metadata.user_features]
+    if missing:
+        key = "model_config.user_features"
+        raise ConfigError(f"{key} asks for {', '.join(missing)} (from {origin(config, key)}), which {metadata.name} "
+                          f"does not have (it has no users file, or one without them); remove "
+                          f"{'it' if len(missing) == 1 else 'them'}")
+    genres, years = movie_feature_tensors(metadata)
+    return Features(genres, years, YEAR_BUCKETS, {name: torch.tensor(values)
+                                                  for name, values in metadata.user_features.items()})
 
 
 def make_datasets(config: Config, data: Optional[MovieLensData] = None) -> dict:

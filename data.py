@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -47,6 +48,8 @@ class DatasetMetadata:
     titles: list[str]
     genres: list[str]
     user_ids: list[int]    # MovieLens user id of each user token
+    # per user token, a token for each attribute the users file gives (age group, sex, occupation)
+    user_features: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_movies(self) -> int:
@@ -143,11 +146,13 @@ def time_order(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
 def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
              ratings: pd.DataFrame) -> MovieLensData:
     """Map ids to dense tokens and lay out each user's ratings in time order."""
-    user_ids = np.sort(users.user_id.to_numpy())
+    users = users.sort_values("user_id", kind="stable")
+    user_ids = users.user_id.to_numpy()
     movie_order = np.argsort(movies.movie_id.to_numpy(), kind="stable")
     movie_ids = movies.movie_id.to_numpy()[movie_order]
     metadata = DatasetMetadata(name, movie_ids.tolist(), movies.title.to_numpy()[movie_order].tolist(),
-                               movies.genres.to_numpy()[movie_order].tolist(), user_ids.tolist())
+                               movies.genres.to_numpy()[movie_order].tolist(), user_ids.tolist(),
+                               user_feature_tokens(users))
     user = _dense_tokens(user_ids, ratings.user_id.to_numpy())
     movie = _dense_tokens(movie_ids, ratings.movie_id.to_numpy())
     order = time_order(user, ratings.timestamp.to_numpy())
@@ -167,6 +172,42 @@ def tokenize(name: str, users: pd.DataFrame, movies: pd.DataFrame,
                                      (flat_tokens, flat_ratings, flat_times, offsets, lengths)))
 
 
+AGE_GROUPS = (18, 25, 35, 45, 50, 56)  # ML-1M's age groups after "under 18", by their lower bounds
+
+
+def user_feature_tokens(users: pd.DataFrame) -> dict[str, list[int]]:
+    """A token per user (in the frame's order) for each attribute the users file gives: the age
+    group (ML-1M's seven; ML-100K's ages fall into them), sex, and occupation (0.. in sorted order
+    of the values as written)."""
+    tokens = {}
+    if "age" in users:
+        tokens["age"] = np.searchsorted(AGE_GROUPS, users.age.to_numpy(), side="right").tolist()
+    for name in ("sex", "occupation"):
+        if name in users:
+            tokens[name] = np.unique(users[name].astype(str).to_numpy(), return_inverse=True)[1].tolist()
+    return tokens
+
+
+YEAR_FIRST, YEAR_STEP, YEAR_BUCKETS = 1920, 5, 24  # 0: no year; 1: before 1920; 5 years each; the last: 2025 on
+TITLE_YEAR = re.compile(r"\((\d{4})[^()]*\)\s*$")  # "Toy Story (1995)", "Dexter (2006–2013)"
+
+
+def movie_feature_tensors(metadata: DatasetMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's genres, multi-hot over the data set's genre names (float32 [vocab, G]), and its
+    release-year bucket from the title (int64 [vocab]); SOS and EOS have neither."""
+    names = sorted({g for genres in metadata.genres for g in genres.split("|") if g})
+    column = {name: i for i, name in enumerate(names)}
+    genres = torch.zeros(metadata.vocab_size, len(names))
+    for token, movie_genres in enumerate(metadata.genres):
+        genres[token, [column[g] for g in movie_genres.split("|") if g]] = 1.0
+    years = torch.zeros(metadata.vocab_size, dtype=torch.int64)
+    for token, title in enumerate(metadata.titles):
+        match = TITLE_YEAR.search(title)
+        if match:
+            years[token] = min(max((int(match.group(1)) - YEAR_FIRST) // YEAR_STEP + 2, 1), YEAR_BUCKETS - 1)
+    return genres, years
+
+
 def _flat_times(timestamp: np.ndarray, slots: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
                 size: int) -> np.ndarray:
     """The flat layout's timestamps: each rating's at its slot, SOS the user's first, EOS the last
@@ -180,7 +221,7 @@ def _flat_times(timestamp: np.ndarray, slots: np.ndarray, offsets: np.ndarray, l
 
 
 CACHE_NAME = ".movielens_cache.pt"
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 
 def _cache_key(data_dir: Path) -> dict:
@@ -496,6 +537,8 @@ class ChunkBatch(NamedTuple):
     loss_mask: torch.Tensor     # [R, T] positions whose target this chunk trains on
     times: torch.Tensor         # [R, T] each input's timestamp
     target_times: torch.Tensor  # [R, T] each target's timestamp
+    ratings: torch.Tensor       # [R, T] each input's stars
+    target_ratings: torch.Tensor  # [R, T] each target's stars
 
     @property
     def padding_mask(self) -> torch.Tensor:
@@ -503,7 +546,7 @@ class ChunkBatch(NamedTuple):
         return self.segments < 0
 
 
-PAD_VALUES = ChunkBatch(0, 0, 0, -1, 0, False, 0, 0)  # what a packed row holds where no chunk is
+PAD_VALUES = ChunkBatch(0, 0, 0, -1, 0, False, 0, 0, 0.0, 0.0)  # what a packed row holds where no chunk is
 
 
 def pack_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -607,7 +650,8 @@ class SequenceChunks:
         tensors = (self.data.flat_tokens[inputs], user[:, None].expand(-1, c),
                    torch.arange(c).expand(len(user), -1), torch.where(padding, -1, 0),
                    self.data.flat_tokens[targets], torch.from_numpy((position > lower[:, None]) & (position >= 1)),
-                   self.data.flat_times[inputs], self.data.flat_times[targets])
+                   self.data.flat_times[inputs], self.data.flat_times[targets],
+                   self.data.flat_ratings[inputs], self.data.flat_ratings[targets])
         return ChunkBatch(*(t.to(self.device) for t in tensors))
 
     def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None,

@@ -13,6 +13,11 @@ attention bias, per head and layer, looked up by the query-key distance in posit
 bucket of their log time gap. The query's time is that of its own input rating, or with
 `query_time` that of the rating it predicts, the moment the recommendation is asked for, which
 a deployed recommender knows; query time also adds an embedding of the gap between the two.
+
+Features (off by default, the post's next steps): `movie_features` adds embeddings of each
+movie's genres (summed) and release-year bucket to its token's, `user_features` those of the
+user's age group, sex and occupation to the user embedding, and `rating_input` an embedding of
+the stars the user gave each movie of the history to its position's input.
 """
 from __future__ import annotations
 
@@ -53,6 +58,9 @@ class MovieLensTransformerConfig:
     position_bias: bool = False           # attention bias by query-key distance
     time_bias: bool = False               # attention bias by query-key log time gap
     query_time: bool = False              # the time bias reads the predicted rating's time
+    movie_features: list[str] = field(default_factory=list)  # of "genres", "year"
+    user_features: list[str] = field(default_factory=list)   # of "age", "sex", "occupation"
+    rating_input: bool = False            # each history movie's stars as an input
 
     @property
     def time_use(self) -> str:
@@ -82,6 +90,59 @@ class RelativeBias(nn.Module):
     def forward(self, distance: Optional[torch.Tensor], gap: Optional[torch.Tensor]) -> torch.Tensor:
         parts = [table(index) for table, index in ((self.position, distance), (self.time, gap)) if table is not None]
         return sum(parts[1:], parts[0]).movedim(-1, -3)
+
+
+MOVIE_FEATURES, USER_FEATURES = ("genres", "year"), ("age", "sex", "occupation")
+STAR_STEPS = 11  # 0 (SOS) to 5 stars in half stars
+
+
+@dataclass
+class Features:
+    """What the feature switches read, per token (data.movie_feature_tensors and
+    DatasetMetadata.user_features): only those switched on are needed."""
+
+    genres: Optional[torch.Tensor] = None   # float [vocab, G], multi-hot
+    years: Optional[torch.Tensor] = None    # int64 [vocab], release-year bucket
+    year_buckets: int = 0
+    users: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> int64 [users]
+
+
+class MovieFeatures(nn.Module):
+    """The sum of a movie's genre embeddings and its release-year embedding: tokens -> [.., d]."""
+
+    def __init__(self, names: list[str], features: Features, width: int):
+        super().__init__()
+        self.genre_embedding = self.year_embedding = None
+        if "genres" in names:
+            self.register_buffer("genres", features.genres, persistent=False)
+            self.genre_embedding = nn.Linear(features.genres.shape[1], width, bias=False)
+        if "year" in names:
+            self.register_buffer("years", features.years, persistent=False)
+            self.year_embedding = nn.Embedding(features.year_buckets, width)
+
+    def forward(self, movie_tokens: torch.Tensor) -> torch.Tensor:
+        parts = []
+        if self.genre_embedding is not None:
+            parts.append(self.genre_embedding(self.genres[movie_tokens]))
+        if self.year_embedding is not None:
+            parts.append(self.year_embedding(self.years[movie_tokens]))
+        return sum(parts[1:], parts[0])
+
+
+class UserFeatures(nn.Module):
+    """The sum of the embeddings of a user's attributes (age group, sex, occupation): users -> [.., du]."""
+
+    def __init__(self, names: list[str], features: Features, width: int):
+        super().__init__()
+        self.names = list(names)
+        for name in self.names:
+            self.register_buffer(f"{name}_tokens", features.users[name], persistent=False)
+        self.embeddings = nn.ModuleDict({name: nn.Embedding(int(features.users[name].max()) + 1, width)
+                                         for name in self.names})
+
+    def forward(self, user_tokens: torch.Tensor) -> torch.Tensor:
+        parts = [self.embeddings[name](getattr(self, f"{name}_tokens")[user_tokens]) for name in self.names]
+        return sum(parts[1:], parts[0])
 
 
 class Dropout(nn.Dropout):
@@ -165,12 +226,12 @@ class Transformer(nn.Module):
 
     def forward(self, movie_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 segments: Optional[torch.Tensor] = None, times: Optional[torch.Tensor] = None,
-                query_times: Optional[torch.Tensor] = None) -> torch.Tensor:
+                query_times: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
         """positions [B, T]: each input's position-embedding index (default 0..T-1); segments
         [B, T]: which sequence of its row each position belongs to, -1 at padding (default: one
         sequence a row, no padding). A position attends to the earlier ones of its own segment.
         times [B, T]: each input's timestamp; query_times [B, T]: that of the rating each position
-        predicts (read with query_time only)."""
+        predicts (read with query_time only). extra [B, T, d]: added to the input embeddings."""
         t = movie_tokens.shape[1]
         if t > self.config.context_window_size:
             raise ValueError(f"input of length {t} exceeds context_window_size "
@@ -180,6 +241,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=movie_tokens.device)
         x = self.token_embedding(movie_tokens) + self.position_embedding(positions)
+        if extra is not None:
+            x = x + extra
         if self.gap_embedding is not None:
             x = x + self.gap_embedding(time_buckets(query_times - times))
         x = self.dropout(x)
@@ -239,12 +302,19 @@ class InteractionMLP(nn.Module):
 class MovieLensTransformer(nn.Module):
     """Logits over all movies for the movie that follows the input."""
 
-    def __init__(self, config: MovieLensTransformerConfig):
+    def __init__(self, config: MovieLensTransformerConfig, features: Optional[Features] = None):
         super().__init__()
         self.config = config
         tc = config.transformer_config
+        if (config.movie_features or config.user_features) and features is None:
+            raise ValueError("movie_features and user_features need the data set's Features")
         self.transformer = Transformer(tc, config.position_bias, config.time_bias, config.query_time)
         self.user_embedding = nn.Embedding(config.num_users, config.user_embedding_dimension)
+        self.movie_features = (MovieFeatures(config.movie_features, features, tc.embedding_dimension)
+                               if config.movie_features else None)
+        self.user_features = (UserFeatures(config.user_features, features, config.user_embedding_dimension)
+                              if config.user_features else None)
+        self.rating_embedding = nn.Embedding(STAR_STEPS, tc.embedding_dimension) if config.rating_input else None
         width = tc.embedding_dimension + config.user_embedding_dimension
         if config.mode == "window":
             width *= tc.context_window_size
@@ -253,44 +323,62 @@ class MovieLensTransformer(nn.Module):
         if config.tie_output_embeddings:  # config.check_values: the last hidden size is the embedding's
             self.interaction_mlp.net[-1].weight = self.transformer.token_embedding.weight
 
+    def _inputs(self, movie_tokens: torch.Tensor, ratings: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """What the feature switches add to each input's embedding: [B, T, d], or None."""
+        parts = []
+        if self.movie_features is not None:
+            parts.append(self.movie_features(movie_tokens))
+        if self.rating_embedding is not None:
+            if ratings is None:
+                raise ValueError("this model reads the stars of its inputs: pass ratings")
+            parts.append(self.rating_embedding((ratings * 2).round().long().clamp(0, STAR_STEPS - 1)))
+        return sum(parts[1:], parts[0]) if parts else None
+
     def _features(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: Optional[torch.Tensor],
                   segments: Optional[torch.Tensor], times: Optional[torch.Tensor],
-                  query_times: Optional[torch.Tensor]) -> torch.Tensor:
+                  query_times: Optional[torch.Tensor], ratings: Optional[torch.Tensor]) -> torch.Tensor:
         """[state || user embedding] at every position: [B, T, d + du]; user_tokens [B] (one
         user a row) or [B, T] (a user per position)."""
-        states = self.transformer(movie_tokens, positions, segments, times, query_times)
+        states = self.transformer(movie_tokens, positions, segments, times, query_times,
+                                  self._inputs(movie_tokens, ratings))
         users = self.user_embedding(user_tokens)
+        if self.user_features is not None:
+            users = users + self.user_features(user_tokens)
         if user_tokens.dim() == 1:
             users = users[:, None, :].expand(-1, movie_tokens.shape[1], -1)
         return torch.cat([states, users], dim=-1)
 
     def hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-               times: Optional[torch.Tensor] = None, next_time: Optional[torch.Tensor] = None) -> torch.Tensor:
+               times: Optional[torch.Tensor] = None, next_time: Optional[torch.Tensor] = None,
+               ratings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, H]: the interaction MLP's last hidden layer for the movie after each input window,
         which output_weight turns into logits.
 
         padding_mask: bool [B, T], True at left padding. The sequence mode masks those positions;
         the post's window model reads the whole window, its SOS padding included, as tokens.
         times [B, T] and next_time [B]: the inputs' and the predicted rating's timestamps, for
-        a model that reads time."""
+        a model that reads time; ratings [B, T]: the inputs' stars, for one with rating_input."""
         b, t = movie_tokens.shape
         query_times = None if times is None or next_time is None else torch.cat([times[:, 1:], next_time[:, None]], 1)
         if self.config.mode == "sequence":
-            features = self._features(movie_tokens, user_tokens, None, segments_of(padding_mask), times, query_times)
+            features = self._features(movie_tokens, user_tokens, None, segments_of(padding_mask), times, query_times,
+                                      ratings)
             return self.interaction_mlp.hidden(features[:, -1])
         if t != self.config.transformer_config.context_window_size:
             raise ValueError(f"window of length {t}; the model takes exactly "
                              f"{self.config.transformer_config.context_window_size}")
-        features = self._features(movie_tokens, user_tokens, None, None, times, query_times)
+        features = self._features(movie_tokens, user_tokens, None, None, times, query_times, ratings)
         return self.interaction_mlp.hidden(features.reshape(b, -1))
 
     def sequence_hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: torch.Tensor,
                         segments: torch.Tensor, select: torch.Tensor, times: Optional[torch.Tensor] = None,
-                        target_times: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        target_times: Optional[torch.Tensor] = None,
+                        ratings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, H]: the last hidden layer at the N positions where select is True (sequence mode),
         of rows that may hold several sequences (Transformer.forward's positions and segments;
-        times and target_times [R, T]: the inputs' and their targets' timestamps)."""
-        features = self._features(movie_tokens, user_tokens, positions, segments, times, target_times)
+        times and target_times [R, T]: the inputs' and their targets' timestamps; ratings: the
+        inputs' stars)."""
+        features = self._features(movie_tokens, user_tokens, positions, segments, times, target_times, ratings)
         return self.interaction_mlp.hidden(features[select])
 
     @property
@@ -299,15 +387,19 @@ class MovieLensTransformer(nn.Module):
         return self.interaction_mlp.net[-1].weight
 
     def forward(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-                times: Optional[torch.Tensor] = None, next_time: Optional[torch.Tensor] = None) -> torch.Tensor:
+                times: Optional[torch.Tensor] = None, next_time: Optional[torch.Tensor] = None,
+                ratings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, vocab] logits for the movie after each input window (see hidden)."""
-        return self.interaction_mlp.net[-1](self.hidden(movie_tokens, user_tokens, padding_mask, times, next_time))
+        return self.interaction_mlp.net[-1](self.hidden(movie_tokens, user_tokens, padding_mask, times, next_time,
+                                                        ratings))
 
     def sequence_logits(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: torch.Tensor,
                         segments: torch.Tensor, select: torch.Tensor, times: Optional[torch.Tensor] = None,
-                        target_times: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        target_times: Optional[torch.Tensor] = None,
+                        ratings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, vocab] logits at the N positions where select is True (sequence mode)."""
-        hidden = self.sequence_hidden(movie_tokens, user_tokens, positions, segments, select, times, target_times)
+        hidden = self.sequence_hidden(movie_tokens, user_tokens, positions, segments, select, times, target_times,
+                                      ratings)
         return self.interaction_mlp.net[-1](hidden)
 
 

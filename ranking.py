@@ -16,6 +16,7 @@ import torch
 from data import Batch, DatasetMetadata, MovieLensSequenceDataset
 
 METRICS = ("hr", "ndcg", "mrr", "map", "precision", "recall")
+HEADLINE = ("hr", "ndcg", "mrr")  # one target per user: MAP@K is MRR@K, Recall@K is HR@K, Precision@K HR@K / K
 Scorer = Callable[[Batch], torch.Tensor]
 
 
@@ -25,7 +26,7 @@ def model_scorer(model: torch.nn.Module, compiled: bool = False) -> Scorer:
     compiled: through torch.compile, with any batch size. It costs seconds of compilation once
     and pays off where evaluation repeats, as in training's validation every epoch."""
     scorer = lambda batch: model(batch.movie_tokens, batch.user_tokens, batch.padding_mask, batch.times,
-                                 batch.next_time).float()
+                                 batch.next_time, batch.ratings).float()
     return torch.compile(scorer, dynamic=True) if compiled else scorer
 
 
@@ -137,6 +138,59 @@ def paired_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], re
                    "p_value": (extreme[i].item() + 1) / (resamples + 1)} for i, name in enumerate(a)}
 
 
+def target_groups(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
+    """Named subsets of the targets (bool [N] each), to see for whom a model gains: by how many
+    movies the user rated before the target, and by the target movie's popularity (whether it is
+    among the 10% most-rated movies of the training ratings)."""
+    history = dataset.history_length.cpu()
+    count, _ = dataset.training_popularity()
+    popular = (count >= torch.quantile(count[count > 0], 0.9))[dataset.next_movie.cpu()]
+    return {"<= 20 ratings": history <= 20, "21-100 ratings": (history > 20) & (history <= 100),
+            "> 100 ratings": history > 100, "target among the 10% most-rated movies": popular,
+            "target among the other movies": ~popular}
+
+
+def liked_targets(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
+    """The targets the user rated 4 or 5 stars (the leave-one-out target is every rating, liked or not)."""
+    return {"targets rated 4-5 stars": dataset.next_rating.cpu() >= 4}
+
+
+def grouped_metrics(per_user: dict[str, dict[str, torch.Tensor]], groups: dict[str, torch.Tensor],
+                    resamples: int, against: Optional[str] = None) -> dict[str, dict]:
+    """Per group: its number of targets, each scorer's mean metrics and bootstrap intervals over
+    the group's targets, and with `against` the model's paired difference to that scorer."""
+    out = {}
+    for group, keep in groups.items():
+        mine = {name: {metric: v[keep] for metric, v in values.items()} for name, values in per_user.items()}
+        entry = {"targets": int(keep.sum())}
+        if entry["targets"]:
+            entry["results"] = {name: {m: v.mean().item() for m, v in values.items()} for name, values in mine.items()}
+            entry["intervals"] = {name: bootstrap_intervals(values, resamples) for name, values in mine.items()}
+            if against:
+                entry["paired_difference"] = paired_difference(mine["model"], mine[against], resamples)
+        out[group] = entry
+    return out
+
+
+def grouped_table(grouped: dict[str, dict], ks: tuple[int, ...], against: Optional[str] = None) -> str:
+    """grouped_metrics as one table: a row per group and scorer, HR, NDCG and MRR at the largest K
+    with their intervals, and the paired difference in NDCG with `against` (the JSON has every K)."""
+    columns = [f"{m}@{max(ks)}" for m in HEADLINE]
+    paired = f"model - {against}, ndcg@{max(ks)}" if against else None
+    header = ["group", "targets", "scorer", *columns, *([paired] if paired else [])]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for group, entry in grouped.items():
+        for name, metrics in entry.get("results", {}).items():
+            cells = [f"{metrics[c]:.4f} [{entry['intervals'][name][c][0]:.4f}, {entry['intervals'][name][c][1]:.4f}]"
+                     for c in columns]
+            if paired:
+                d = entry["paired_difference"][f"ndcg@{max(ks)}"]
+                cells.append(f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], p {d['p_value']:.3f}"
+                             if name == "model" else "")
+            lines.append(f"| {group} | {entry['targets']:,} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 TopSink = Callable[[Batch, torch.Tensor], None]
 
 
@@ -166,8 +220,6 @@ def evaluate(scorer: Scorer, dataset: MovieLensSequenceDataset, ks: tuple[int, .
     ranks, _ = rank_all(scorer, dataset, exclude, batch_size, compiled=compiled)
     return metrics_from_ranks(ranks, ks)
 
-
-HEADLINE = ("hr", "ndcg", "mrr")  # one target per user: MAP@K is MRR@K, Recall@K is HR@K, Precision@K HR@K / K
 
 
 def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...],

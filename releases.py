@@ -50,6 +50,7 @@ class Format:
     genre_flags: bool                # genres as ML-100K's 19 0/1 columns, not "A|B" names
     half_stars: bool                 # ratings in half stars from 0.5
     star_format: str                 # how the ratings file writes a star (4; 3.5 and 4; 4.0)
+    user_columns: tuple[str, ...] = ()  # the users file's fields between the user id and the zip code
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -63,13 +64,14 @@ class Format:
 
 FORMATS = {  # checked in this order: ML-10M's files are a subset of ML-1M's
     "ml-1m": Format("ratings.dat", "movies.dat", "users.dat", "::", "::", None, None, "ISO-8859-1",
-                    False, False, "{:.0f}"),
-    "ml-100k": Format("u.data", "u.item", "u.user", "\t", "|", None, None, "ISO-8859-1", True, False, "{:.0f}"),
+                    False, False, "{:.0f}", ("sex", "age", "occupation")),  # age: the lower bound of a group
+    "ml-100k": Format("u.data", "u.item", "u.user", "\t", "|", None, None, "ISO-8859-1", True, False, "{:.0f}",
+                      ("age", "sex", "occupation")),  # age in years, occupation a name
     "ml-10m": Format("ratings.dat", "movies.dat", None, "::", "::", None, None, None, False, True, "{:g}"),
     "csv": Format("ratings.csv", "movies.csv", None, ",", ",", "userId,movieId,rating,timestamp",
                   "movieId,title,genres", None, False, True, "{:.1f}"),
 }
-USERS_FIELDS = 5  # ML-1M and ML-100K: user, then age, sex, occupation, zip code in either order
+USERS_FIELDS = 5  # ML-1M and ML-100K: user, then age, sex, occupation (Format.user_columns), zip code
 
 
 class Release(NamedTuple):
@@ -321,15 +323,18 @@ def read_movies(path: Path, fmt: Format) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["movie_id", "title", "genres"])
 
 
-def read_users(path: Path, fmt: Format) -> np.ndarray:
-    """The user ids of a users file."""
-    return np.array([row[0] for row in split_lines(path, fmt.separator, USERS_FIELDS, (0,), "ISO-8859-1")],
-                    dtype=np.int64)
+def read_users(path: Path, fmt: Format) -> pd.DataFrame:
+    """user_id and the format's user_columns (age an integer, sex and occupation as written) of a
+    users file."""
+    ages = (1 + fmt.user_columns.index("age"),)
+    rows = split_lines(path, fmt.separator, USERS_FIELDS, (0, *ages), "ISO-8859-1")
+    return pd.DataFrame([row[:1 + len(fmt.user_columns)] for row in rows], columns=["user_id", *fmt.user_columns])
 
 
 def read_movielens(data_dir: str | Path) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(name, users, movies, ratings) of a MovieLens folder, ratings in file order. The name is
-    the format's, or for the csv format the release the folder is named after."""
+    the format's, or for the csv format the release the folder is named after; users holds the
+    users file's age, sex and occupation where the release has one."""
     data_dir = Path(data_dir)
     name = detect_format(data_dir)
     fmt = FORMATS[name]
@@ -338,8 +343,8 @@ def read_movielens(data_dir: str | Path) -> tuple[str, pd.DataFrame, pd.DataFram
     ratings = read_ratings(ratings_file, fmt)
     if ratings.empty:
         raise DataError(f"{ratings_file} holds no ratings; restore the file, or download the data set again")
-    user_ids = read_users(data_dir / fmt.users, fmt) if fmt.users else np.unique(ratings.user_id.to_numpy())
-    users = pd.DataFrame({"user_id": user_ids})
+    users = (read_users(data_dir / fmt.users, fmt) if fmt.users else
+             pd.DataFrame({"user_id": np.unique(ratings.user_id.to_numpy())}))
     listed = [(users, "user_id", fmt.users, False)] if fmt.users else []  # else the users are those who rated
     for frame, key, file, header in [*listed, (movies, "movie_id", fmt.movies, bool(fmt.movies_header))]:
         duplicated = frame[key].duplicated().to_numpy()

@@ -103,10 +103,21 @@ def write_movielens(folder: Path, fmt: str, num_users: int, num_movies: int, num
     else:
         write_lines(folder / layout.movies, [sep.join(map(str, row)) for row in movies.itertuples(index=False)],
                     encoding)
-    if layout.users:  # age group, sex, occupation and zip code in each layout's order
-        fields = ("30", "M", "other", "00000") if fmt == "ml-100k" else ("M", "25", "0", "00000")
-        write_lines(folder / layout.users, [sep.join((str(u), *fields)) for u in range(1, num_users + 1)])
+    if layout.users:
+        write_lines(folder / layout.users, [sep.join((str(u), *user_fields(u, fmt))) for u in range(1, num_users + 1)])
     return folder
+
+
+OCCUPATIONS = ("artist", "doctor", "engineer", "other", "student", "writer")
+
+
+def user_fields(user: int, fmt: str) -> tuple[str, ...]:
+    """A user's age, sex, occupation and zip code as the layout writes them: ML-100K an age in
+    years and an occupation's name, ML-1M sex first, an age group's lower bound and a code 0-20."""
+    sex = "MF"[user % 2]
+    if fmt == "ml-100k":
+        return str(12 + user * 7 % 60), sex, OCCUPATIONS[user % len(OCCUPATIONS)], "00000"
+    return sex, str((1, 18, 25, 35, 45, 50, 56)[user % 7]), str(user % 21), "00000"
 
 
 def write_ratings(path: Path, ratings: pd.DataFrame, sep: str, header: Optional[str], stars: str,

@@ -28,7 +28,8 @@ from data import ChunkBatch
 from distributed import weigh_by_targets
 from speed import Step
 
-Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden, weight, targets) -> mean
+# (hidden, output weight, targets, each target's weight or None) -> the mean of weight x cross-entropy
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -39,54 +40,79 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
 
 
-def batch_loss(model: torch.nn.Module, batch, loss: Loss) -> tuple[torch.Tensor, torch.Tensor | int]:
+def batch_loss(model: torch.nn.Module, batch, loss: Loss,
+               star_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor | int]:
     """(mean loss, number of targets) of a data.Batch (one target a window) or a data.ChunkBatch
-    (a target at every trained position)."""
+    (a target at every trained position); star_weights: each target's weight by its stars
+    (rating_weights)."""
     if isinstance(batch, ChunkBatch):
+        select = batch.loss_mask
         hidden = model.sequence_hidden(batch.movie_tokens, batch.user_tokens, batch.positions, batch.segments,
-                                      batch.loss_mask, batch.times, batch.target_times)
-        return loss(hidden, model.output_weight, batch.targets[batch.loss_mask]), batch.loss_mask.sum()
-    hidden = model.hidden(batch.movie_tokens, batch.user_tokens, batch.padding_mask, batch.times, batch.next_time)
-    return loss(hidden, model.output_weight, batch.next_movie), len(batch.next_movie)
+                                      select, batch.times, batch.target_times, batch.ratings)
+        targets, stars, count = batch.targets[select], batch.target_ratings[select], select.sum()
+    else:
+        hidden = model.hidden(batch.movie_tokens, batch.user_tokens, batch.padding_mask, batch.times, batch.next_time,
+                              batch.ratings)
+        targets, stars, count = batch.next_movie, batch.next_rating, len(batch.next_movie)
+    weights = None if star_weights is None else weight_by_stars(star_weights, stars)
+    return loss(hidden, model.output_weight, targets, weights), count
+
+
+def weight_by_stars(star_weights: torch.Tensor, stars: torch.Tensor) -> torch.Tensor:
+    """Each target's weight: star_weights[k - 1] for k stars, a half star taking the next whole
+    star's (3.5 weighs as 4)."""
+    return star_weights[(stars.ceil().long() - 1).clamp(0, len(star_weights) - 1)]
 
 
 class ModelLoss(torch.nn.Module):
     """batch_loss as a module's forward, the form DistributedDataParallel wraps: its forward is
     what prepares the gradients' averaging over processes."""
 
-    def __init__(self, model: torch.nn.Module, loss: Loss):
+    def __init__(self, model: torch.nn.Module, loss: Loss, star_weights: Optional[torch.Tensor] = None):
         super().__init__()
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.star_weights = model, loss, star_weights
 
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor | int]:
-        return batch_loss(self.model, batch, self.loss)
+        return batch_loss(self.model, batch, self.loss, self.star_weights)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor],
+                  label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """F.cross_entropy (mean or sum over targets), each target's term times its weight where
+    weights are given."""
+    if weights is None:
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction=reduction)
+    terms = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="none") * weights
+    return terms.mean() if reduction == "mean" else terms.sum()
 
 
 def full_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
-                      chunk_rows: Optional[int] = None) -> torch.Tensor:
-    """Mean cross-entropy of logits hidden @ weight.T; in chunks of chunk_rows rows when given."""
+                      chunk_rows: Optional[int] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean cross-entropy of logits hidden @ weight.T (each term times its weight where given); in
+    chunks of chunk_rows rows when given."""
     if chunk_rows is None or len(hidden) <= chunk_rows:
-        return F.cross_entropy(F.linear(hidden, weight), targets, label_smoothing=label_smoothing)
+        return cross_entropy(F.linear(hidden, weight), targets, weights, label_smoothing)
 
-    def chunk_sum(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(F.linear(h, w), t, label_smoothing=label_smoothing, reduction="sum")
-    total = sum(checkpoint(chunk_sum, hidden[i:i + chunk_rows], weight, targets[i:i + chunk_rows], use_reentrant=False)
+    def chunk_sum(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, k: Optional[torch.Tensor]) -> torch.Tensor:
+        return cross_entropy(F.linear(h, w), t, k, label_smoothing, reduction="sum")
+    total = sum(checkpoint(chunk_sum, hidden[i:i + chunk_rows], weight, targets[i:i + chunk_rows],
+                           None if weights is None else weights[i:i + chunk_rows], use_reentrant=False)
                 for i in range(0, len(hidden), chunk_rows))
     return total / len(hidden)
 
 
 def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
-                         log_q: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean cross-entropy of each target against the shared negatives [K]. log_q [vocab]: the log
-    of each token's sampling rate, subtracted from its logit (logQ correction). A negative that is
-    the row's own target is left out."""
+                         log_q: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean cross-entropy of each target against the shared negatives [K] (each term times its
+    weight where given). log_q [vocab]: the log of each token's sampling rate, subtracted from its
+    logit (logQ correction). A negative that is the row's own target is left out."""
     positive = (hidden * weight[targets]).sum(-1, keepdim=True)
     negative = F.linear(hidden, weight[negatives])
     if log_q is not None:
         positive, negative = positive - log_q[targets][:, None], negative - log_q[negatives][None, :]
     negative = negative.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([positive, negative], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    return cross_entropy(logits, torch.zeros_like(targets), weights)
 
 
 def make_loss(tc: TrainerConfig, train_set) -> Loss:
@@ -94,14 +120,19 @@ def make_loss(tc: TrainerConfig, train_set) -> Loss:
     data.SequenceChunks: its movie count, and for in-batch negatives how often each movie is a
     target, their sampling rate)."""
     if tc.loss == "full":
-        return lambda h, w, t: full_softmax_loss(h, w, t, tc.label_smoothing, tc.loss_chunk_rows)
+        return lambda h, w, t, k=None: full_softmax_loss(h, w, t, tc.label_smoothing, tc.loss_chunk_rows, k)
     if tc.negatives == "uniform":
         num_movies = train_set.metadata.num_movies
-        return lambda h, w, t: sampled_softmax_loss(
-            h, w, t, torch.randint(0, num_movies, (tc.num_negatives,), device=t.device))
+        return lambda h, w, t, k=None: sampled_softmax_loss(
+            h, w, t, torch.randint(0, num_movies, (tc.num_negatives,), device=t.device), weights=k)
     counts = train_set.target_counts().double()
     log_q = torch.log(counts.clamp(min=1) / counts.sum()).float().to(train_set.device)  # moved once, not per step
-    return lambda h, w, t: sampled_softmax_loss(h, w, t, t, log_q)
+    return lambda h, w, t, k=None: sampled_softmax_loss(h, w, t, t, log_q, k)
+
+
+def star_weights(tc: TrainerConfig, device: torch.device) -> Optional[torch.Tensor]:
+    """trainer_config.rating_weights as a tensor on device (one weight per star, 1 to 5), or None."""
+    return None if tc.rating_weights is None else torch.tensor(tc.rating_weights, dtype=torch.float32, device=device)
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainerConfig, device: torch.device,
@@ -182,7 +213,7 @@ def make_training_step(model: torch.nn.Module, loss: Loss, optimizer: torch.opti
     DistributedDataParallel (which averages the gradients), each process's gradient weighed by
     its share of the step's targets; in bf16 autocast; compiled for full batches; the eager
     train_step around it; on CUDA the whole step captured once and replayed as a CUDA graph."""
-    loss_fn: Step = ModelLoss(model, loss)
+    loss_fn: Step = ModelLoss(model, loss, star_weights(tc, device))
     if distributed:
         loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = speed.in_bf16(loss_fn, device, settings.bf16)
