@@ -54,6 +54,7 @@ def test_every_shipped_config_and_grid_loads():
     from config import DEFAULT_CONFIG, load_config
     configs = DEFAULT_CONFIG.parent / "configs"
     grids = {"ablations.yaml": "ml100k_best.yaml", "ml1m_sweep.yaml": "ml1m_best.yaml",  # grid -> its config
+             "feature_ablations.yaml": "ml100k_best.yaml",
              "time_ablations.yaml": "ml100k_best.yaml"}
     for path in sorted(configs.glob("*.yaml")):
         if path.name in grids:
