@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from kernels import attention, dropout, gelu
+from kernels import attention, dropout, gelu, small_table_lookup
 
 
 MODES = ("window", "sequence")
@@ -88,7 +88,8 @@ class RelativeBias(nn.Module):
         self.time = nn.Embedding(TIME_BUCKETS, num_heads) if time else None
 
     def forward(self, distance: Optional[torch.Tensor], gap: Optional[torch.Tensor]) -> torch.Tensor:
-        parts = [table(index) for table, index in ((self.position, distance), (self.time, gap)) if table is not None]
+        parts = [small_table_lookup(table.weight, index) for table, index in ((self.position, distance), (self.time, gap))
+                 if table is not None]
         return sum(parts[1:], parts[0]).movedim(-1, -3)
 
 

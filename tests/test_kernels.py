@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention, dropout, gelu, written_out_attention
+from kernels import attention, dropout, gelu, small_table_lookup, written_out_attention
 
 
 def padded_causal_mask() -> torch.Tensor:
@@ -67,4 +67,17 @@ def test_gelu_is_the_tanh_approximation(compiled):
     y, expected = (torch.compile(gelu) if compiled else gelu)(x), F.gelu(x, approximate="tanh")
     assert torch.allclose(y, expected, atol=1e-6)
     grad, expected_grad = (torch.autograd.grad(z.sum(), x)[0] for z in (y, expected))
+    assert torch.allclose(grad, expected_grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_small_table_lookup_is_f_embedding(compiled):
+    """The relative biases' lookup: F.embedding's values and table gradient, summed another way."""
+    fn = torch.compile(small_table_lookup) if compiled else small_table_lookup
+    table = torch.randn(64, 2, requires_grad=True)
+    index = torch.randint(0, 64, (3, 20, 20))
+    out, expected = fn(table, index), F.embedding(index, table)
+    assert torch.equal(out, expected)
+    weights = torch.randn_like(out)
+    grad, expected_grad = (torch.autograd.grad((y * weights).sum(), table)[0] for y in (out, expected))
     assert torch.allclose(grad, expected_grad, atol=1e-5)
