@@ -70,7 +70,7 @@ def resume_config(checkpoint: dict, overrides: list[str], source: str) -> tuple[
     in RESUMABLE, and a line for each value that changes. Any other key (the model's shape, the
     split, the batch size, the optimizer, the seed) cannot change mid-run: a ConfigError names it."""
     config = saved_config(checkpoint, overrides, source)
-    before = flat_settings(upgrade_saved_config(copy.deepcopy(checkpoint["config"])))
+    before = flat_settings(asdict(saved_config(checkpoint)))  # a key newer than the checkpoint: its default
     after = flat_settings(asdict(config))
     changes = []
     for key, value in after.items():

@@ -65,16 +65,18 @@ def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
 def run(command: list[str], what: str) -> None:
     """Run a repo script as a process that writes to this one's terminal (its log and progress
     bars show as they come). It runs in a session of its own, so that Ctrl-C, `kill -INT` and
-    `kill -TERM` all reach the sweep alone, which hands the run one SIGINT: the run keeps what it
-    can, then the sweep stops."""
+    `kill -TERM` all reach the sweep alone, which hands the run one SIGTERM (a sweep started in
+    the background ignores SIGINT, and so would its runs): the run keeps what it can, then the
+    sweep stops, even where the run was about to finish anyway."""
     process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.DEVNULL,
                                start_new_session=True)
     try:
         code = process.wait()
     except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        code = process.wait()
-    if code in (Interrupted.exit_code, -signal.SIGINT):
+        process.send_signal(signal.SIGTERM)
+        process.wait()
+        code = Interrupted.exit_code
+    if code in (Interrupted.exit_code, -signal.SIGINT, -signal.SIGTERM):
         raise Interrupted(f"the sweep stopped during {what}; the same command goes on from there")
     if code < 0:
         raise UserError(f"{what} was killed (signal {-code}); the same command resumes it from its last checkpoint")

@@ -117,17 +117,22 @@ def test_renamed_and_removed_keys_name_what_replaced_them(tmp_path):
         load_config(DEFAULT_CONFIG, ["trainer_config.compile_mode=default"])
 
 
-def test_checkpoint_of_an_earlier_version_still_loads(workdir, ml1m_dir):
-    """A checkpoint saved with the keys of earlier versions (window_size, compile_mode) loads
-    for eval.py and recommend.py: its config is upgraded, not refused."""
+def test_checkpoint_of_an_earlier_version_still_loads_and_resumes(workdir, ml1m_dir):
+    """A checkpoint saved with the keys of earlier versions (window_size, compile_mode), and
+    without the keys added since (they take their defaults), loads for eval.py and recommend.py
+    and resumes: its config is upgraded, not refused."""
     run = model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
                                 "trainer_config.run_name=old"))
-    checkpoint = load_checkpoint(run / "best.pt")
-    tc = checkpoint["config"]["trainer_config"]
+    checkpoint = load_checkpoint(run / "last.pt")
+    tc, mc = checkpoint["config"]["trainer_config"], checkpoint["config"]["model_config"]
     tc["window_size"] = tc.pop("window_stride")
     tc["compile_mode"] = "default"
+    del tc["rating_weights"], mc["position_bias"], mc["movie_features"]
     _, config, _ = model_from_checkpoint(checkpoint)
-    assert config.trainer_config.window_stride == 1
+    assert config.trainer_config.window_stride == 1 and config.model_config.movie_features == []
+    save_atomic(checkpoint, run / "last.pt")
+    model_train.main(["--resume", str(run), "--set", "trainer_config.num_epochs=2"])
+    assert load_checkpoint(run / "last.pt")["state"]["epoch"] == 2
 
 
 def test_default_config_is_the_posts_model():
