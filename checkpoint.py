@@ -121,7 +121,7 @@ def data_for_checkpoint(config: Config, metadata: DatasetMetadata, data_dir: Opt
 
 def check_same_data(saved: DatasetMetadata, loaded: DatasetMetadata, what: str, data_dir: str) -> None:
     """A CheckpointError naming both data sets when `what` was trained on other data than data_dir holds."""
-    if saved != loaded:
+    if not saved.same_data(loaded):
         raise CheckpointError(f"{what} was trained on {saved.name} ({saved.num_users:,} users, {saved.num_movies:,} "
                               f"movies); {data_dir} holds {loaded.name} ({loaded.num_users:,} users, "
                               f"{loaded.num_movies:,} movies); give the folder it was trained on")

@@ -74,6 +74,14 @@ class DatasetMetadata:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def same_data(self, other: "DatasetMetadata") -> bool:
+        """Whether other holds this data set's tokens: the same maps, and the same user features
+        where this has any (a checkpoint saved before they were read has none)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        if not mine["user_features"]:
+            theirs["user_features"] = {}
+        return mine == theirs
+
     @classmethod
     def from_dict(cls, d: dict) -> "DatasetMetadata":
         return cls(**d)

@@ -142,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
 def other_checkpoint_scorer(path: Path, dataset, data, device):
     """The scorer of another checkpoint's model on the same targets (its own context length)."""
     other, other_config, other_metadata = model_from_checkpoint(load_checkpoint(path))
-    if other_metadata != dataset.metadata:
+    if not other_metadata.same_data(dataset.metadata):
         raise UserError(f"--against {path} was trained on other data ({other_metadata.name}); give a checkpoint "
                         f"of {dataset.metadata.name}")
     theirs = make_datasets(other_config, data)[dataset.subset].to(device)

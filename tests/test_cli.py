@@ -127,7 +127,7 @@ def test_checkpoint_of_an_earlier_version_still_loads_and_resumes(workdir, ml1m_
     tc, mc = checkpoint["config"]["trainer_config"], checkpoint["config"]["model_config"]
     tc["window_size"] = tc.pop("window_stride")
     tc["compile_mode"] = "default"
-    del tc["rating_weights"], mc["position_bias"], mc["movie_features"]
+    del tc["rating_weights"], mc["position_bias"], mc["movie_features"], checkpoint["metadata"]["user_features"]
     _, config, _ = model_from_checkpoint(checkpoint)
     assert config.trainer_config.window_stride == 1 and config.model_config.movie_features == []
     save_atomic(checkpoint, run / "last.pt")
