@@ -71,6 +71,26 @@ def plot_results(results: dict[str, dict[str, float]], ks: tuple[int, ...], path
     return save_or_return(fig, path)
 
 
+def plot_buckets(grouped: dict[str, dict], metric: str = "ndcg@10", path: Optional[Path] = None):
+    """Each scorer's metric per group of targets (ranking.grouped_metrics) with its 95% interval
+    as an error bar; each group labelled with its number of targets."""
+    groups = [g for g, entry in grouped.items() if entry.get("results")]
+    scorers = list(grouped[groups[0]]["results"])
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 3.4))
+    width = 0.8 / len(scorers)
+    for i, name in enumerate(scorers):
+        values = [grouped[g]["results"][name][metric] for g in groups]
+        low, high = zip(*(grouped[g]["intervals"][name][metric] for g in groups))
+        ax.bar([j + i * width for j in range(len(groups))], values, width, label=name,
+               yerr=[[v - lo for v, lo in zip(values, low)], [hi - v for v, hi in zip(values, high)]], capsize=3)
+    ax.set_xticks([j + width * (len(scorers) - 1) / 2 for j in range(len(groups))],
+                  [textwrap.fill(f"{g} ({grouped[g]['targets']:,})", 18) for g in groups], fontsize=8)
+    ax.set_ylabel(metric.upper())
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_or_return(fig, path)
+
+
 POSTERS = Path("data/posters")
 GENRE_COLOURS = {"Action": "#d62728", "Adventure": "#ff7f0e", "Animation": "#e377c2",
                  "Children's": "#f7b6d2", "Comedy": "#bcbd22", "Crime": "#7f7f7f",

@@ -28,8 +28,9 @@ from data import ChunkBatch
 from distributed import weigh_by_targets
 from speed import Step
 
-# (hidden, output weight, targets, each target's weight or None) -> the mean of weight x cross-entropy
-Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+# (hidden, output weight, targets, weights=each target's weight or None) -> the mean of weight x cross-entropy,
+# as full_softmax_loss and make_loss's forms take them
+Loss = Callable[..., torch.Tensor]
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -55,7 +56,7 @@ def batch_loss(model: torch.nn.Module, batch, loss: Loss,
                               batch.ratings)
         targets, stars, count = batch.next_movie, batch.next_rating, len(batch.next_movie)
     weights = None if star_weights is None else weight_by_stars(star_weights, stars)
-    return loss(hidden, model.output_weight, targets, weights), count
+    return loss(hidden, model.output_weight, targets, weights=weights), count
 
 
 def weight_by_stars(star_weights: torch.Tensor, stars: torch.Tensor) -> torch.Tensor:
@@ -120,14 +121,14 @@ def make_loss(tc: TrainerConfig, train_set) -> Loss:
     data.SequenceChunks: its movie count, and for in-batch negatives how often each movie is a
     target, their sampling rate)."""
     if tc.loss == "full":
-        return lambda h, w, t, k=None: full_softmax_loss(h, w, t, tc.label_smoothing, tc.loss_chunk_rows, k)
+        return lambda h, w, t, weights=None: full_softmax_loss(h, w, t, tc.label_smoothing, tc.loss_chunk_rows, weights)
     if tc.negatives == "uniform":
         num_movies = train_set.metadata.num_movies
-        return lambda h, w, t, k=None: sampled_softmax_loss(
-            h, w, t, torch.randint(0, num_movies, (tc.num_negatives,), device=t.device), weights=k)
+        return lambda h, w, t, weights=None: sampled_softmax_loss(
+            h, w, t, torch.randint(0, num_movies, (tc.num_negatives,), device=t.device), weights=weights)
     counts = train_set.target_counts().double()
     log_q = torch.log(counts.clamp(min=1) / counts.sum()).float().to(train_set.device)  # moved once, not per step
-    return lambda h, w, t, k=None: sampled_softmax_loss(h, w, t, t, log_q, k)
+    return lambda h, w, t, weights=None: sampled_softmax_loss(h, w, t, t, log_q, weights)
 
 
 def star_weights(tc: TrainerConfig, device: torch.device) -> Optional[torch.Tensor]:
