@@ -67,7 +67,7 @@ def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if broadcast else q @ k.transpose(-2, -1)
     scores = scores * q.shape[-1] ** -0.5
     if bias is not None:
-        scores = scores + bias
+        scores = scores + bias.to(scores.dtype)  # under bf16 autocast the scores stay bf16, as without a bias
     weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     weights = dropout(weights, dropout_p, True)
     return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if broadcast else weights @ v
