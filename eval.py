@@ -4,7 +4,8 @@ Every scorer ranks all movies for each target with the movies the user rated bef
 (`--exclude window` removes only the input window, as the post did). One target per user and
 split, so MAP@K equals MRR@K and Recall@K equals HR@K; Precision@K is HR@K / K. Prints HR,
 NDCG and MRR at each K (--all-metrics: every metric) and writes every metric as JSON beside the
-checkpoint, named by subset, exclusion and K.
+checkpoint, named by subset, exclusion and K, with the model's rank of each target, so that a
+later --against can pair with it when its checkpoint is gone.
 """
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--exclude", choices=EXCLUDE, default="history",
                         help="history: every movie rated before the target (default); "
                              "window: only the input window, as the post did")
-    parser.add_argument("--against", metavar="CHECKPOINT|BASELINE",
-                        help="another checkpoint, or most-rated or top-rated-popular: the model's paired difference "
-                             "to it per metric, with its interval and p-value")
+    parser.add_argument("--against", metavar="CHECKPOINT|REPORT|BASELINE",
+                        help="another checkpoint, an eval_*.json report of one (on the same targets), or most-rated "
+                             "or top-rated-popular: the model's paired difference to it per metric, with its interval "
+                             "and p-value")
     parser.add_argument("--buckets", action="store_true",
                         help="each metric by the user's number of ratings before the target and by the target's "
                              "popularity, with intervals (and --against's paired difference)")
@@ -78,7 +80,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     ks = tuple(sorted(args.k))
     scorers = {"model": model_scorer(model.to(device))}
     scorers.update({name: constant_scorer(s) for name, s in popularity_baselines(dataset).items()})
-    if args.against and args.against not in scorers:
+    reported = None  # an earlier report's ranks, read (and checked) before any ranking
+    if args.against and args.against.endswith(".json"):
+        reported = ranks_of_report(Path(args.against), dataset, args.subset, args.exclude)
+    elif args.against and args.against not in scorers:
         scorers[args.against] = other_checkpoint_scorer(Path(args.against), dataset, data, device)
     ranks = {}
     if args.save_predictions:  # streamed batch by batch: 200,000 users' scores never exist at once
@@ -90,6 +95,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     for name, scorer in scorers.items():
         if name not in ranks:
             ranks[name] = rank_all(scorer, dataset, args.exclude, args.batch_size)[0]
+    if reported is not None:
+        ranks[args.against] = reported
     per_user = {name: per_user_metrics(r, ks) for name, r in ranks.items()}
     results = {name: {metric: v.mean().item() for metric, v in values.items()} for name, values in per_user.items()}
     intervals = {name: bootstrap_intervals(values, args.resamples) for name, values in per_user.items()}
@@ -131,12 +138,34 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     report = json.dumps({"split": split, "subset": args.subset, "time": config.model_config.time_use, "exclude": args.exclude, "k": list(ks),
                          "targets": len(dataset), "results": results, "intervals": intervals,
                          "resamples": args.resamples, "against": args.against, "paired_difference": comparison,
-                         "liked_targets": liked, "buckets": buckets},
+                         "liked_targets": liked, "buckets": buckets,
+                         "targets_of": {"users": [metadata.user_ids[u] for u in dataset.user_tokens.tolist()],
+                                        "movies": [metadata.movie_ids[m] for m in dataset.next_movie.tolist()]},
+                         "model_ranks": ranks["model"].tolist()},
                         indent=2)
     atomic_write(out, lambda tmp: tmp.write_text(report))
     print(f"wrote {out}")
     return results
 
+
+
+def ranks_of_report(path: Path, dataset, subset: str, exclude: str) -> torch.Tensor:
+    """The model ranks an eval.py report holds, checked to be of the same targets (users and target
+    movies, in order), subset and exclusion."""
+    try:
+        report = json.loads(path.read_text())
+        ranks, targets = report["model_ranks"], report["targets_of"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--against {path} is not an eval.py report with the model's ranks ({type(e).__name__}: {e}); "
+                        "give an eval_*.json that eval.py wrote") from None
+    metadata = dataset.metadata
+    ours = {"users": [metadata.user_ids[u] for u in dataset.user_tokens.tolist()],
+            "movies": [metadata.movie_ids[m] for m in dataset.next_movie.tolist()]}
+    if (report.get("subset"), report.get("exclude")) != (subset, exclude) or targets != ours:
+        raise UserError(f"--against {path} ranks other targets (subset {report.get('subset')}, exclude "
+                        f"{report.get('exclude')}, {len(targets.get('users', []))} targets); the paired difference needs "
+                        f"the same {len(dataset):,} targets of --subset {subset} --exclude {exclude}")
+    return torch.tensor(ranks)
 
 
 def other_checkpoint_scorer(path: Path, dataset, data, device):

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import eval as evaluation
 import model_train
@@ -88,3 +89,25 @@ def test_eval_subset_picks_the_targets_and_the_old_spelling_still_works(checkpoi
     old = evaluation.main(["--checkpoint", str(checkpoint), "--split", "validation", "--k", "10", "--resamples", "20"])
     assert "note: --split is now called --subset" in capsys.readouterr().err and old == new
     assert json.loads((checkpoint.parent / "eval_validation_history_k10.json").read_text())["subset"] == "validation"
+
+
+def test_eval_pairs_with_an_earlier_report_when_its_checkpoint_is_gone(checkpoint, tmp_path, capsys):
+    """--against an eval_*.json: the paired difference from the ranks it holds, on the same targets only."""
+    import json
+
+    import ranking
+    evaluation.main(["--checkpoint", str(checkpoint), "--resamples", "20"])
+    report = json.loads((checkpoint.parent / "eval_test_history_k10.json").read_text())
+    ranks = torch.tensor(report["model_ranks"])
+    worse = dict(report, model_ranks=(ranks + 1).tolist())  # another model, every target one place lower
+    (tmp_path / "worse.json").write_text(json.dumps(worse))
+    evaluation.main(["--checkpoint", str(checkpoint), "--against", str(tmp_path / "worse.json"), "--resamples", "50"])
+    difference = json.loads((checkpoint.parent / "eval_test_history_k10.json").read_text())["paired_difference"]
+    ours, theirs = (ranking.per_user_metrics(r, (10,))["ndcg@10"].mean().item() for r in (ranks, ranks + 1))
+    assert difference["ndcg@10"]["difference"] == pytest.approx(ours - theirs) and ours > theirs
+    with pytest.raises(evaluation.UserError, match="ranks other targets .* --subset validation"):
+        evaluation.main(["--checkpoint", str(checkpoint), "--subset", "validation", "--against",
+                         str(tmp_path / "worse.json")])
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(evaluation.UserError, match="is not an eval.py report with the model's ranks"):
+        evaluation.main(["--checkpoint", str(checkpoint), "--against", str(tmp_path / "other.json")])
