@@ -10,6 +10,8 @@ output weights (batch_loss). `make_loss` picks one of its three forms:
 - sampled_softmax_loss: the target against num_negatives shared uniform negatives, or against
   the batch's other targets with logQ correction (HSTU, gSASRec), for catalogs where the full
   softmax is too slow.
+With trainer_config.rating_weights, each target's term is weighed by the stars the user gave it
+(weight_by_stars), as the post proposed: the loss is then the mean of weight x cross-entropy.
 """
 from __future__ import annotations
 
