@@ -73,20 +73,25 @@ def test_each_loss_trains_a_model_that_beats_popularity(loss, ml1m_dir, tmp_path
 
 
 # The first two training losses of every shipped config on the data of shipped_config_losses, as
-# commit 48a84d6 (before the time switches) computed them: a new model option, off by default,
-# must leave them as they were (the same initialisation, batches, dropout masks and losses).
+# commit 48a84d6 (before the time and feature switches) computed them: a new model option, off by
+# default, must leave them as they were (the same initialisation, batches, dropout masks and
+# losses). A config that turns switches on trains, with them off, as the config it adds them to.
 LOSSES_BEFORE = {"training_config.yaml": [5.722581, 5.706623], "ml100k_best.yaml": [5.721671, 5.724569],
                  "ml1m_best.yaml": [5.721671, 5.724569], "ml20m.yaml": [5.735407, 5.733056],
                  "ml32m.yaml": [8.339881, 8.339576], "post.yaml": [5.728156, 5.706934]}
+ADDS_TO = {"ml100k_time.yaml": "ml100k_best.yaml", "ml1m_time.yaml": "ml1m_best.yaml"}
+SWITCHES_OFF = ["model_config.position_bias=false", "model_config.time_bias=false", "model_config.query_time=false",
+                "model_config.movie_features=[]", "model_config.user_features=[]", "model_config.rating_input=false",
+                "trainer_config.rating_weights=null"]
 
 
-def shipped_config_losses(path, data_dir, steps: int = 2) -> list[float]:
+def shipped_config_losses(path, data_dir, overrides=(), steps: int = 2) -> list[float]:
     """The first training losses of a config, eager and in float32, seeded as model_train seeds them."""
     import speed
     import training
     from config import build_model, load_config, make_datasets
 
-    config = load_config(path, [f"trainer_config.data_dir={data_dir}", "trainer_config.cache=false"])
+    config = load_config(path, [f"trainer_config.data_dir={data_dir}", "trainer_config.cache=false", *overrides])
     tc, cpu = config.trainer_config, torch.device("cpu")
     train = make_datasets(config)["train"]
     torch.manual_seed(tc.seed)
@@ -100,19 +105,14 @@ def shipped_config_losses(path, data_dir, steps: int = 2) -> list[float]:
     return [float(step(batch)[0]) for _, batch in zip(range(steps), batches)]
 
 
-def test_every_shipped_config_trains_as_before_the_time_switches(tmp_path):
-    from config import DEFAULT_CONFIG, load_config, parse_yaml
+def test_every_shipped_config_trains_as_before_the_time_and_feature_switches(tmp_path):
+    from config import DEFAULT_CONFIG, parse_yaml
     from conftest import synthetic_ratings, write_ml1m
 
     folder = write_ml1m(tmp_path / "ml-1m", synthetic_ratings(80, 300, min_len=205, max_len=240), 80, 300)
     paths = [DEFAULT_CONFIG, *sorted((DEFAULT_CONFIG.parent / "configs").glob("*.yaml"))]
-    checked = set()
-    for path in paths:
-        if "model_config" not in parse_yaml(path):
-            continue  # a grid of variants
-        mc = load_config(path).model_config
-        if mc.position_bias or mc.time_bias:
-            continue  # a config that reads time is newer than the losses
-        assert shipped_config_losses(path, folder) == pytest.approx(LOSSES_BEFORE[path.name], abs=5e-5), path.name
-        checked.add(path.name)
-    assert checked == set(LOSSES_BEFORE)
+    configs = [path for path in paths if "model_config" in parse_yaml(path)]  # not the grids of variants
+    for path in configs:  # a config without switches on is its own switched-off form
+        before = LOSSES_BEFORE[ADDS_TO.get(path.name, path.name)]
+        assert shipped_config_losses(path, folder, SWITCHES_OFF) == pytest.approx(before, abs=5e-5), path.name
+    assert set(LOSSES_BEFORE) <= {path.name for path in configs}
