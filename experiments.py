@@ -16,7 +16,8 @@ run (variant, what its model knows of time, seed, best epoch, validation and tes
 the test's bootstrap interval, minutes) and mean +- standard deviation per variant, beside the most-rated baseline on the same
 test targets (a run below it has learnt less than popularity). Every run also lands in TensorBoard's
 HParams view (`tensorboard --logdir <out>/runs`). Each run's log shows as it trains. A finished
-run is not run again; a stopped one resumes from its last.pt.
+run is not run again; a stopped one resumes from its last.pt. Either must have been trained with
+the config the sweep asks for now (where and how fast aside), or the sweep stops and says which key.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +35,7 @@ import yaml
 from tbparse import SummaryReader
 
 from checkpoint import load_checkpoint, metrics_report, saved_config
-from config import DEFAULT_CONFIG, load_config, parse_yaml
+from config import DEFAULT_CONFIG, flat_settings, load_config, parse_yaml
 from errors import ConfigError, Interrupted, UserError, argument_parser, run_script
 from files import atomic_write
 
@@ -45,6 +47,12 @@ SUMMARY = ["validation_ndcg@10", "test_ndcg@10", "test_hr@10", "test_mrr"]
 NAMES = {"best_epoch": "best epoch", "validation_ndcg@10": "validation NDCG@10", "validation_hr@10": "validation HR@10",
          "test_ndcg@10": "test NDCG@10", "test_hr@10": "test HR@10", "test_mrr": "test MRR"}  # the tables' headers
 YARDSTICK = "most-rated (training counts)"
+# Keys that say where a run reads and writes and how fast it goes, not what it learns, and the two
+# sizes build_model sets from the data: a run read back, or resumed, may differ from the sweep's
+# config in these alone.
+NOT_THE_RUN = {*(f"trainer_config.{key}" for key in (
+    "data_dir", "cache", "device", "compile", "cuda_graph", "log_every", "eval_batch_size", "loss_chunk_rows",
+    "tensorboard_dir", "model_dir")), "model_config.transformer_config.vocab_size", "model_config.num_users"}
 
 
 def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
@@ -84,12 +92,27 @@ def run(command: list[str], what: str) -> None:
         raise UserError(f"{what} failed (exit status {code}; the lines above say why)")
 
 
-def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Path) -> dict:
-    """Train one variant at one seed (unless it finished before), evaluate its best.pt once."""
+def run_settings(overrides: list[str], variant: str, seed: int, out: Path) -> tuple[str, Path, list[str]]:
+    """A run's name, its folder and the `--set` overrides that make it."""
     name = f"{variant}-seed{seed}"
-    folder = out / "models" / name
     sets = [*overrides, f"trainer_config.seed={seed}", f"trainer_config.run_name={name}",
             f"trainer_config.model_dir={out / 'models'}", f"trainer_config.tensorboard_dir={out / 'runs'}"]
+    return name, out / "models" / name, sets
+
+
+def check_same_run(folder: Path, wanted: dict) -> None:
+    """A run folder the sweep finds is read back or resumed only if it was trained as the sweep
+    asks now: a grid or --set changed since gets a ConfigError, not the old run's numbers."""
+    saved = flat_settings(asdict(saved_config(load_checkpoint(folder / "last.pt"))))
+    for key, value in wanted.items():
+        if key not in NOT_THE_RUN and saved.get(key) != value:
+            raise ConfigError(f"{folder} was trained with {key}={saved.get(key)!r}, this sweep asks for {value!r}: "
+                              f"move that folder away or give another --out")
+
+
+def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Path) -> dict:
+    """Train one variant at one seed (unless it finished before), evaluate its best.pt once."""
+    name, folder, sets = run_settings(overrides, variant, seed, out)
     if (folder / "last.pt").exists() and not (folder / "curves.png").exists():  # stopped: go on
         run(["model_train.py", "--resume", str(folder)], f"training {name}")
     elif not (folder / "curves.png").exists():  # curves.png is a finished run's last file
@@ -173,6 +196,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for variant, overrides in grid.items():
         load_config(args.config, [*args.overrides, *overrides], f"{args.grid}, variant {variant}")
     out = (args.out or Path("experiments") / args.config.stem).resolve()
+    for variant, overrides in grid.items():  # every run already there checked before anything is written
+        for seed in range(1, args.seeds + 1):
+            _, folder, sets = run_settings([*args.overrides, *overrides], variant, seed, out)
+            if (folder / "last.pt").exists():
+                check_same_run(folder, flat_settings(asdict(load_config(args.config.resolve(), sets))))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "grid.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(
         {"config": str(args.config), "overrides": args.overrides, "grid": grid}, sort_keys=False)))

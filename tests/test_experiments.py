@@ -48,6 +48,13 @@ def test_seeds_and_variants_make_one_table(ml1m_dir, tmp_path, capfd):
     again = experiments.main(argv)  # finished runs are read back, not trained again
     assert [r["test_ndcg@10"] for r in again] == [r["test_ndcg@10"] for r in rows]
 
+    grid.write_text("base: {}\nno-user-embedding: {model_config.user_embedding_dimension: 8}\n")
+    before = (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(experiments.ConfigError, match="no-user-embedding-seed1 was trained with "
+                       "model_config.user_embedding_dimension=0, this sweep asks for 8"):
+        experiments.main(argv)  # a changed grid does not read back the old variant's numbers
+    assert (tmp_path / "out" / "results.md").read_text() == before
+
 
 def test_every_shipped_config_and_grid_loads():
     """A typo in configs/ fails here, not minutes into someone's sweep."""
