@@ -1,7 +1,7 @@
 """Run a config over several seeds and named variants, one after another, into one results table.
 
     python experiments.py --config configs/ml100k_best.yaml --seeds 3 [--grid grid.yaml] [--set k=v ...]
-                          [--out experiments/<name>]
+                          [--out experiments/<name>] [--against base]
 
 A grid file maps variant names to the overrides that make them (`base: {}` is the config itself):
 
@@ -15,7 +15,9 @@ targets are read once per finished run. `results.csv` and `results.md` in --out 
 run (variant, what its model knows of time, seed, best epoch, validation and test metrics with
 the test's bootstrap interval, minutes) and mean +- standard deviation per variant, beside the most-rated baseline on the same
 test targets (a run below it has learnt less than popularity). Every run also lands in TensorBoard's
-HParams view (`tensorboard --logdir <out>/runs`). Each run's log shows as it trains. A finished
+HParams view (`tensorboard --logdir <out>/runs`). Each run's log shows as it trains. With
+`--against base`, `paired.md` then holds each other variant's paired NDCG@10 difference to the base
+of the same seed, with its interval and p-value, on validation (what a choice may read) and test. A finished
 run is not run again; a stopped one resumes from its last.pt. Either must have been trained with
 the config the sweep asks for now (where and how fast aside), or the sweep stops and says which key.
 """
@@ -117,10 +119,7 @@ def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Pa
         run(["model_train.py", "--resume", str(folder)], f"training {name}")
     elif not (folder / "curves.png").exists():  # curves.png is a finished run's last file
         run(["model_train.py", "--config", str(config), *(a for s in sets for a in ("--set", s))], f"training {name}")
-    report = metrics_report(folder / "best.pt")
-    if not report.exists():
-        run(["eval.py", "--checkpoint", str(folder / "best.pt"), "--k", "10"], f"evaluating {name}")
-    test = json.loads(report.read_text())
+    test = report_of(folder, "test")
     checkpoint = load_checkpoint(folder / "best.pt")
     best = checkpoint["state"]
     scalars = SummaryReader(str(out / "runs" / name)).scalars
@@ -133,6 +132,34 @@ def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Pa
             "minutes": scalars[scalars.tag == "time/epoch_s"].value.sum() / 60,
             **{f"most_rated_{metric}": test["results"]["most-rated"][metric.removeprefix("test_")]
                for metric in ("test_ndcg@10", "test_hr@10", "test_mrr")}}
+
+
+def report_of(folder: Path, subset: str, against: Optional[Path] = None) -> dict:
+    """eval.py's report of a run's best.pt on a subset (with `against`, an eval_*.json report of
+    another run on the same targets: the paired difference to it), made unless it exists already."""
+    report = metrics_report(folder / "best.pt", subset)
+    wanted = str(against) if against else None
+    if not report.exists() or (against and json.loads(report.read_text()).get("against") != wanted):
+        run(["eval.py", "--checkpoint", str(folder / "best.pt"), "--subset", subset, "--k", "10",
+             *(["--against", wanted] if against else [])], f"evaluating {folder.name} on {subset}")
+    return json.loads(report.read_text())
+
+
+def paired_table(out: Path, grid: dict, seeds: int, base: str) -> str:
+    """Per variant and seed, its paired NDCG@10 difference to the base variant of the same seed, on
+    validation and test (the mean over seeds says little where the seeds disagree)."""
+    lines = [f"| variant | seed | validation NDCG@10 - {base} | test NDCG@10 - {base} |", "|---|---|---|---|"]
+    for variant in (v for v in grid if v != base):
+        for seed in range(1, seeds + 1):
+            folder, base_folder = (out / "models" / f"{v}-seed{seed}" for v in (variant, base))
+            cells = []
+            for subset in ("validation", "test"):
+                report_of(base_folder, subset)
+                against = metrics_report(base_folder / "best.pt", subset)
+                cells.append(report_of(folder, subset, against)["paired_difference"]["ndcg@10"])
+            lines.append(f"| {variant} | {seed} | " + " | ".join(
+                f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], p {c['p_value']:.3f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
@@ -188,10 +215,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override for every run (repeatable)")
     parser.add_argument("--out", type=Path, help="folder for runs and tables (default: experiments/<config>)")
+    parser.add_argument("--against", metavar="VARIANT",
+                        help="after the runs, each other variant's paired NDCG@10 difference to this one, seed by "
+                             "seed, on validation and test (eval.py --against), into paired.md")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     grid = read_grid(args.grid)
+    if args.against is not None and args.against not in grid:
+        parser.error(f"--against {args.against} is not a variant of {args.grid or 'the sweep'} "
+                     f"(its variants: {', '.join(grid)})")
     load_config(args.config, args.overrides)  # every variant's config checked before the first run
     for variant, overrides in grid.items():
         load_config(args.config, [*args.overrides, *overrides], f"{args.grid}, variant {variant}")
@@ -212,6 +245,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             print(f"{variant} seed {seed}: validation NDCG@10 {rows[-1]['validation_ndcg@10']:.4f}, "
                   f"test NDCG@10 {rows[-1]['test_ndcg@10']:.4f}", flush=True)
     print((out / "results.md").read_text())
+    if args.against is not None:
+        table = paired_table(out, grid, args.seeds, args.against)
+        atomic_write(out / "paired.md", lambda tmp: tmp.write_text(table))
+        print(table)
     return rows
 
 

@@ -26,7 +26,10 @@ def test_seeds_and_variants_make_one_table(ml1m_dir, tmp_path, capfd):
     grid = tmp_path / "grid.yaml"
     grid.write_text("base: {}\nno-user-embedding: {model_config.user_embedding_dimension: 0}\n")
     argv = ["--seeds", "1", "--grid", str(grid), *sweep_args(ml1m_dir, tmp_path / "out")]
-    rows = experiments.main(argv)
+    with pytest.raises(SystemExit):
+        experiments.main([*argv, "--against", "bsae"])  # not a variant: said before any run
+    assert not (tmp_path / "out").exists()
+    rows = experiments.main([*argv, "--against", "base"])
     assert "epoch 1: " in capfd.readouterr().err  # each run's log shows as it trains
     assert [(r["variant"], r["seed"]) for r in rows] == [("base", 1), ("no-user-embedding", 1)]
     assert rows[0]["test_ndcg@10"] != rows[1]["test_ndcg@10"]
@@ -44,6 +47,11 @@ def test_seeds_and_variants_make_one_table(ml1m_dir, tmp_path, capfd):
     from tbparse import SummaryReader
     hparams = SummaryReader(str(tmp_path / "out" / "runs" / "base-seed1")).hparams
     assert "model_config.user_embedding_dimension" in set(hparams.tag)
+
+    paired = (tmp_path / "out" / "paired.md").read_text().splitlines()
+    assert paired[0] == "| variant | seed | validation NDCG@10 - base | test NDCG@10 - base |" and len(paired) == 3
+    test_difference = float(paired[2].split(" | ")[3].split()[0])
+    assert test_difference == pytest.approx(rows[1]["test_ndcg@10"] - rows[0]["test_ndcg@10"], abs=1e-4)
 
     again = experiments.main(argv)  # finished runs are read back, not trained again
     assert [r["test_ndcg@10"] for r in again] == [r["test_ndcg@10"] for r in rows]
