@@ -3,7 +3,7 @@
 # them together 12):
 #   bash benchmarks/gpu_check.sh [OUT_FOLDER]     (needs data/ml-1m; writes logs and JSON to OUT_FOLDER)
 # 1. the CUDA-only tests; 2. bench.py on CUDA; 3. one sequence-mode epoch (sequence_epoch.py), eager
-# and compiled, then with each time switch; 4. configs/ml1m_best.yaml (sequence mode) for a few
+# and compiled, then with each time switch and with the feature switches; 4. configs/ml1m_best.yaml (sequence mode) for a few
 # epochs: seconds per epoch and peak GPU memory; 5. the sequence mode on a generated ML-20M-size
 # folder (configs/ml20m.yaml): training targets per second and peak GPU memory.
 # Goals: the post's model <= 1 s per ML-1M epoch; ml1m_best to its best validation epoch in
@@ -22,9 +22,10 @@ step "bench.py" && timeout 150 python benchmarks/bench.py --data-dir data/ml-1m 
 step "sequence_epoch.py (eager, then compiled)" && for c in false true; do timeout 90 python benchmarks/sequence_epoch.py \
     --data-dir data/ml-1m --device cuda --set trainer_config.compile=$c --json "$out/sequence_compile_$c.json" 2>&1 \
     | tail -4 | tee -a "$out/sequence.txt"; done
-step "sequence_epoch.py with the time switches (position bias; + time bias; + query time)" && for sw in \
+step "sequence_epoch.py with the time switches (position bias; + time bias; + query time), then the features" && for sw in \
     "model_config.position_bias=true" "model_config.position_bias=true model_config.time_bias=true" \
-    "model_config.position_bias=true model_config.time_bias=true model_config.query_time=true"; do
+    "model_config.position_bias=true model_config.time_bias=true model_config.query_time=true" \
+    "model_config.movie_features=[genres,year] model_config.user_features=[age,sex,occupation] model_config.rating_input=true"; do
     timeout 40 python benchmarks/sequence_epoch.py --data-dir data/ml-1m --device cuda \
     $(for kv in $sw; do echo --set "$kv"; done) 2>&1 | tail -2 | sed "s/^/$sw: /" | tee -a "$out/sequence_time.txt"; done
 step "ml1m_best, 4 epochs" && timeout 150 python model_train.py --config configs/ml1m_best.yaml \
