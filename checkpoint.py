@@ -8,13 +8,12 @@ numbers (the other draws are seeded anew each epoch: training.seed_epoch).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from config import Config, apply_overrides, build_model, config_from_dict, flat_settings, upgrade_saved_config
+from config import Config, apply_overrides, build_model, changed_settings, config_from_dict, upgrade_saved_config
 from data import DatasetMetadata, MovieLensData, load_movielens
 from errors import CheckpointError, ConfigError
 from files import atomic_write
@@ -70,16 +69,12 @@ def resume_config(checkpoint: dict, overrides: list[str], source: str) -> tuple[
     in RESUMABLE, and a line for each value that changes. Any other key (the model's shape, the
     split, the batch size, the optimizer, the seed) cannot change mid-run: a ConfigError names it."""
     config = saved_config(checkpoint, overrides, source)
-    before = flat_settings(asdict(saved_config(checkpoint)))  # a key newer than the checkpoint: its default
-    after = flat_settings(asdict(config))
-    changes = []
-    for key, value in after.items():
-        if value == before.get(key):
-            continue
+    changes = []  # a key newer than the checkpoint: its default
+    for key, (before, value) in changed_settings(saved_config(checkpoint), config).items():
         if key not in RESUMABLE:
-            raise ConfigError(f"{key} cannot change when a run is resumed (from --set: {before.get(key)!r} -> "
+            raise ConfigError(f"{key} cannot change when a run is resumed (from --set: {before!r} -> "
                               f"{value!r}); start a new run to change it")
-        changes.append(f"{key} {before.get(key)!r} -> {value!r}")
+        changes.append(f"{key} {before!r} -> {value!r}")
     return config, changes
 
 

@@ -262,6 +262,12 @@ def flat_settings(tree: dict, prefix: str = "") -> dict[str, float | str | bool]
     return flat
 
 
+def changed_settings(before: Config, after: Config) -> dict[str, tuple]:
+    """Each flat key ("a.b.c") whose value differs between two configs: (before's, after's)."""
+    old, new = flat_settings(dataclasses.asdict(before)), flat_settings(dataclasses.asdict(after))
+    return {key: (old.get(key), value) for key, value in new.items() if old.get(key) != value}
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Set raw['a']['b'] from 'a.b=value', the value parsed as YAML."""
     key, sep, value = assignment.partition("=")

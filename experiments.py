@@ -29,7 +29,6 @@ import signal
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +36,7 @@ import yaml
 from tbparse import SummaryReader
 
 from checkpoint import load_checkpoint, metrics_report, saved_config
-from config import DEFAULT_CONFIG, flat_settings, load_config, parse_yaml
+from config import DEFAULT_CONFIG, Config, changed_settings, load_config, parse_yaml
 from errors import ConfigError, Interrupted, UserError, argument_parser, run_script
 from files import atomic_write
 
@@ -102,13 +101,12 @@ def run_settings(overrides: list[str], variant: str, seed: int, out: Path) -> tu
     return name, out / "models" / name, sets
 
 
-def check_same_run(folder: Path, wanted: dict) -> None:
+def check_same_run(folder: Path, wanted: Config) -> None:
     """A run folder the sweep finds is read back or resumed only if it was trained as the sweep
     asks now: a grid or --set changed since gets a ConfigError, not the old run's numbers."""
-    saved = flat_settings(asdict(saved_config(load_checkpoint(folder / "last.pt"))))
-    for key, value in wanted.items():
-        if key not in NOT_THE_RUN and saved.get(key) != value:
-            raise ConfigError(f"{folder} was trained with {key}={saved.get(key)!r}, this sweep asks for {value!r}: "
+    for key, (saved, value) in changed_settings(saved_config(load_checkpoint(folder / "last.pt")), wanted).items():
+        if key not in NOT_THE_RUN:
+            raise ConfigError(f"{folder} was trained with {key}={saved!r}, this sweep asks for {value!r}: "
                               f"move that folder away or give another --out")
 
 
@@ -148,15 +146,15 @@ def report_of(folder: Path, subset: str, against: Optional[Path] = None) -> dict
 def paired_table(out: Path, grid: dict, seeds: int, base: str) -> str:
     """Per variant and seed, its paired NDCG@10 difference to the base variant of the same seed, on
     validation and test (the mean over seeds says little where the seeds disagree)."""
+    subsets = ("validation", "test")
+    for seed, subset in ((seed, subset) for seed in range(1, seeds + 1) for subset in subsets):
+        report_of(out / "models" / f"{base}-seed{seed}", subset)  # what the variants are paired against
     lines = [f"| variant | seed | validation NDCG@10 - {base} | test NDCG@10 - {base} |", "|---|---|---|---|"]
     for variant in (v for v in grid if v != base):
         for seed in range(1, seeds + 1):
             folder, base_folder = (out / "models" / f"{v}-seed{seed}" for v in (variant, base))
-            cells = []
-            for subset in ("validation", "test"):
-                report_of(base_folder, subset)
-                against = metrics_report(base_folder / "best.pt", subset)
-                cells.append(report_of(folder, subset, against)["paired_difference"]["ndcg@10"])
+            cells = [report_of(folder, subset, metrics_report(base_folder / "best.pt", subset))["paired_difference"]
+                     ["ndcg@10"] for subset in subsets]
             lines.append(f"| {variant} | {seed} | " + " | ".join(
                 f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], p {c['p_value']:.3f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -229,21 +227,21 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for variant, overrides in grid.items():
         load_config(args.config, [*args.overrides, *overrides], f"{args.grid}, variant {variant}")
     out = (args.out or Path("experiments") / args.config.stem).resolve()
-    for variant, overrides in grid.items():  # every run already there checked before anything is written
-        for seed in range(1, args.seeds + 1):
-            _, folder, sets = run_settings([*args.overrides, *overrides], variant, seed, out)
-            if (folder / "last.pt").exists():
-                check_same_run(folder, flat_settings(asdict(load_config(args.config.resolve(), sets))))
+    runs = [(variant, seed, [*args.overrides, *overrides]) for variant, overrides in grid.items()
+            for seed in range(1, args.seeds + 1)]
+    for variant, seed, overrides in runs:  # every run already there checked before anything is written
+        _, folder, sets = run_settings(overrides, variant, seed, out)
+        if (folder / "last.pt").exists():
+            check_same_run(folder, load_config(args.config.resolve(), sets))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "grid.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(
         {"config": str(args.config), "overrides": args.overrides, "grid": grid}, sort_keys=False)))
     rows = []
-    for variant, overrides in grid.items():
-        for seed in range(1, args.seeds + 1):
-            rows.append(one_run(args.config.resolve(), [*args.overrides, *overrides], variant, seed, out))
-            write_tables(out, rows)
-            print(f"{variant} seed {seed}: validation NDCG@10 {rows[-1]['validation_ndcg@10']:.4f}, "
-                  f"test NDCG@10 {rows[-1]['test_ndcg@10']:.4f}", flush=True)
+    for variant, seed, overrides in runs:
+        rows.append(one_run(args.config.resolve(), overrides, variant, seed, out))
+        write_tables(out, rows)
+        print(f"{variant} seed {seed}: validation NDCG@10 {rows[-1]['validation_ndcg@10']:.4f}, "
+              f"test NDCG@10 {rows[-1]['test_ndcg@10']:.4f}", flush=True)
     print((out / "results.md").read_text())
     if args.against is not None:
         table = paired_table(out, grid, args.seeds, args.against)
