@@ -12,6 +12,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from typing import Callable, Optional
 
 
@@ -43,6 +44,14 @@ def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def wait_for_rank_0_to_say_it(seconds: float = 60.0) -> None:
+    """Under torchrun every process meets a config error, and rank 0 says it. Another rank that
+    exited at once would have torchrun stop rank 0 before it spoke, so it waits for torchrun to
+    end it (quietly, once rank 0 has exited with the error) and speaks itself only if not."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(seconds)
+
+
 def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[list[str]] = None) -> int:
     """Run a script's main(argv) as a command: 0 when it returns, else the UserError's exit code
     after its one line (`error: ...`). With --debug or MOVIELENS_DEBUG=1 it keeps its traceback.
@@ -60,8 +69,9 @@ def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[lis
     except UserError as e:
         if debug:
             raise
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the error; one says it
-            print(f"{e.label}: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") != "0":
+            wait_for_rank_0_to_say_it()
+        print(f"{e.label}: {e}", file=sys.stderr)
         return e.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -1,4 +1,5 @@
 import csv
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,9 @@ def test_train_eval_resume_end_to_end(workdir, ml1m_dir, capsys):
     last = load_checkpoint(run / "last.pt")
     assert last["state"]["epoch"] == 2 and last["metadata"]["name"] == "ml-1m"
 
-    out = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(run / "best.pt"),
-                          "--save-predictions", "pred.csv"], capture_output=True, text=True, check=True).stdout
+    capsys.readouterr()
+    importlib.import_module("eval").main(["--checkpoint", str(run / "best.pt"), "--save-predictions", "pred.csv"])
+    out = capsys.readouterr().out  # eval.py as a script: tests/test_experiments.py's sweeps run it
     assert "| model |" in out and "| most-rated |" in out and "| top-rated-popular |" in out
     assert "ndcg@10" in out and (run / "eval_test_history_k10.json").exists()
     rows = list(csv.DictReader(open("pred.csv")))
@@ -83,7 +85,6 @@ def test_tqdm_disable_silences_the_progress_bars(workdir, ml1m_dir):
                                            ("recommend", "movies to recommend (default: 10)"),
                                            ("experiments", "seeds 1..N for every variant (default: 3)")])
 def test_help_shows_the_defaults(script, shown, capsys):
-    import importlib
     with pytest.raises(SystemExit):
         importlib.import_module(script).main(["--help"])
     assert shown in " ".join(capsys.readouterr().out.split())
@@ -93,7 +94,7 @@ def test_same_config_gives_same_losses(workdir, ml1m_dir):
     losses = []
     for name in ("a", "b"):
         run = model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
-                                    f"trainer_config.run_name={name}"))
+                                    "trainer_config.compile=false", f"trainer_config.run_name={name}"))
         state = load_checkpoint(run / "last.pt")["model"]
         losses.append(state)
     assert all(torch.equal(losses[0][k], losses[1][k]) for k in losses[0])
@@ -122,7 +123,7 @@ def test_checkpoint_of_an_earlier_version_still_loads_and_resumes(workdir, ml1m_
     without the keys added since (they take their defaults), loads for eval.py and recommend.py
     and resumes: its config is upgraded, not refused."""
     run = model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
-                                "trainer_config.run_name=old"))
+                                "trainer_config.compile=false", "trainer_config.run_name=old"))
     checkpoint = load_checkpoint(run / "last.pt")
     tc, mc = checkpoint["config"]["trainer_config"], checkpoint["config"]["model_config"]
     tc["window_size"] = tc.pop("window_stride")
