@@ -76,9 +76,10 @@ def assert_best_matches_its_score(run: Path) -> None:
     assert evaluate(model_scorer(model), validation, ks=(10,))["ndcg@10"] == best["state"]["best_ndcg"]
 
 
-# saves come two an epoch (best.pt, then last.pt): killed writing epoch 1's last.pt (a best.pt but no
-# last.pt: the run starts afresh) and epoch 3's best.pt (epoch 2's last.pt intact: it resumes)
-@pytest.mark.parametrize("kind,at", [("step", 5), ("step", 30), ("save", 2), ("save", 5)])
+# saves come two an epoch (best.pt, then last.pt): killed mid-epoch 2 (it resumes from epoch 1),
+# writing epoch 1's last.pt (a best.pt but no last.pt: the run starts afresh) and writing epoch 3's
+# best.pt (epoch 2's last.pt intact: it resumes)
+@pytest.mark.parametrize("kind,at", [("step", 30), ("save", 2), ("save", 5)])
 def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(kind, at, uninterrupted, ml1m_dir, tmp_path):
     killed = subprocess.run([sys.executable, "-c", KILLER, str(ROOT), kind, str(at), *run_args(ml1m_dir, "run")],
                             cwd=tmp_path, capture_output=True, text=True)

@@ -1,6 +1,5 @@
 """torchrun with DistributedDataParallel on CPUs (gloo), two processes on tiny data."""
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,15 +47,21 @@ def one_and_two_processes(tmp_path: Path, data_dir: Path, batch_size: int, *extr
             train(tmp_path / "two", data_dir, TORCHRUN, batch_size, *extra))
 
 
-def test_two_processes_at_batch_b_step_as_one_at_batch_2b(even_data, tmp_path):
-    one, two = one_and_two_processes(tmp_path, even_data, 256)
-    a, b = load_checkpoint(one / "last.pt"), load_checkpoint(two / "last.pt")
+@pytest.fixture(scope="module")
+def two_at_256(even_data, tmp_path_factory) -> Path:
+    """Two processes at batch 256 for 2 epochs: the run folder (its TensorBoard folder beside it)."""
+    return train(tmp_path_factory.mktemp("two"), even_data, TORCHRUN, 256)
+
+
+def test_two_processes_at_batch_b_step_as_one_at_batch_2b(even_data, two_at_256, tmp_path):
+    one = train(tmp_path, even_data, [sys.executable], 512)
+    a, b = load_checkpoint(one / "last.pt"), load_checkpoint(two_at_256 / "last.pt")
     assert a["schedule"]["last_epoch"] == b["schedule"]["last_epoch"] == 4  # two steps an epoch
     # Adam turns float noise in near-zero gradients (the key bias) into steps of up to ~1e-5
     assert all(torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=5e-5) for k in a["model"])
     # rank 0 alone wrote: one TensorBoard folder, one set of checkpoints
-    assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.yaml", "curves.png", "last.pt"]
-    writers = {f.name.split(".")[-2] for f in (tmp_path / "two" / "runs" / "run").iterdir()}  # events...<pid>.<n>
+    assert sorted(p.name for p in two_at_256.iterdir()) == ["best.pt", "config.yaml", "curves.png", "last.pt"]
+    writers = {f.name.split(".")[-2] for f in (two_at_256.parents[1] / "runs" / "run").iterdir()}  # events...<pid>.<n>
     assert len(writers) == 1
 
 
@@ -74,18 +79,15 @@ def test_sequence_mode_weighs_each_target_once_over_processes(even_data, tmp_pat
     assert all(torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=2e-4) for k in a["model"])
 
 
-def test_sharded_validation_equals_one_process_and_resume_continues(even_data, tmp_path):
-    whole = train(tmp_path, even_data, TORCHRUN, 256)
-    best = load_checkpoint(whole / "best.pt")
+def test_sharded_validation_equals_one_process_and_resume_continues(even_data, two_at_256, tmp_path):
+    best = load_checkpoint(two_at_256 / "best.pt")
     model, config, _ = model_from_checkpoint(best)
     single = evaluate(model_scorer(model), make_datasets(config)["validation"], ks=(10,))["ndcg@10"]
     assert best["state"]["best_ndcg"] == pytest.approx(single, abs=1e-12)
 
-    shutil.move(whole, tmp_path / "whole")
-    (tmp_path / "runs" / "run").rename(tmp_path / "runs" / "whole")
     halted = train(tmp_path, even_data, TORCHRUN, 256, "trainer_config.num_epochs=1")
     resumed = train(tmp_path, even_data, TORCHRUN, 256, "--resume", str(halted), "--set", "trainer_config.num_epochs=2")
-    a, b = load_checkpoint(tmp_path / "whole" / "last.pt")["model"], load_checkpoint(resumed / "last.pt")["model"]
+    a, b = load_checkpoint(two_at_256 / "last.pt")["model"], load_checkpoint(resumed / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
