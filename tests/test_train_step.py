@@ -117,6 +117,12 @@ def test_speed_settings():
         speed.speed_settings(TrainerConfig(cuda_graph=True), CPU, fixed)
 
 
+def test_a_compile_setting_given_is_taken_without_probing_the_compiler(monkeypatch):
+    monkeypatch.setattr(speed, "can_compile_for_cpu", lambda: pytest.fail("probed the compiler"))
+    assert speed.speed_settings(TrainerConfig(compile=False), CPU, "fixed") == speed.Speed(False, False, False)
+    assert speed.speed_settings(TrainerConfig(compile=True), CPU, "packed").compile
+
+
 def test_gradients_are_clipped_before_the_step():
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
