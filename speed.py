@@ -51,10 +51,9 @@ def speed_settings(tc: TrainerConfig, device: torch.device, batch_shapes: str, d
     if tc.cuda_graph and not (cuda and fixed and not distributed):
         raise ConfigError("trainer_config.cuda_graph needs a CUDA device, batches of one shape "
                           "(model_config.mode: window) and one process")
-    if tc.compile is None:  # probing the compiler costs seconds: only when asked to decide
-        compile = fixed and cuda or (fixed or batch_shapes == "packed") and cpu and can_compile_for_cpu()
-    else:
-        compile = tc.compile
+    # the condition is evaluated first: a compile setting given never probes the compiler (seconds)
+    compile = (fixed and cuda or (fixed or batch_shapes == "packed") and cpu and can_compile_for_cpu()
+               if tc.compile is None else tc.compile)
     bf16 = cuda or compile and cpu and has_cpu_bf16() if tc.bf16 is None else tc.bf16
     cuda_graph = cuda and fixed and not distributed if tc.cuda_graph is None else tc.cuda_graph
     return Speed(compile, bf16, cuda_graph)
