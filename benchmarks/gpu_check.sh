@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 step() { echo "== $1 ($(date +%T))"; }
 
 step "GPU" && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-step "CUDA tests" && timeout 120 python -m pytest -q -k cuda tests/ 2>&1 | tail -5 | tee "$out/tests.txt"
+step "CUDA tests" && timeout 120 python -m pytest -q -n 0 -k cuda tests/ 2>&1 | tail -5 | tee "$out/tests.txt"
 step "bench.py" && timeout 150 python benchmarks/bench.py --data-dir data/ml-1m --device cuda --repeats 3 \
     --json "$out/bench.json" 2>&1 | tail -15 | tee "$out/bench.txt"
 step "sequence_epoch.py (eager, then compiled)" && for c in false true; do timeout 90 python benchmarks/sequence_epoch.py \

@@ -1,6 +1,7 @@
 """A synthetic MovieLens data set with sequential signal, written in the original formats."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# pytest-xdist runs one worker per core (pytest.ini): one thread each, torch's and the training
+# subprocesses' alike, so that workers do not oversubscribe the cores
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # the small model of the end-to-end runs that compile: one compiled graph, built once per session
