@@ -22,9 +22,9 @@ step "bench.py" && timeout 150 python benchmarks/bench.py --data-dir data/ml-1m 
 step "sequence_epoch.py (eager, then compiled)" && for c in false true; do timeout 90 python benchmarks/sequence_epoch.py \
     --data-dir data/ml-1m --device cuda --set trainer_config.compile=$c --json "$out/sequence_compile_$c.json" 2>&1 \
     | tail -4 | tee -a "$out/sequence.txt"; done
-step "sequence_epoch.py with the time switches (position bias; + time bias; + query time), then the features" && for sw in \
-    "model_config.position_bias=true" "model_config.position_bias=true model_config.time_bias=true" \
-    "model_config.position_bias=true model_config.time_bias=true model_config.query_time=true" \
+step "sequence_epoch.py without the biases, with the position bias only, with query time, then the features" && for sw in \
+    "model_config.position_bias=false model_config.time_bias=false" "model_config.time_bias=false" \
+    "model_config.query_time=true" \
     "model_config.movie_features=[genres,year] model_config.user_features=[age,sex,occupation] model_config.rating_input=true"; do
     timeout 40 python benchmarks/sequence_epoch.py --data-dir data/ml-1m --device cuda \
     $(for kv in $sw; do echo --set "$kv"; done) 2>&1 | tail -2 | sed "s/^/$sw: /" | tee -a "$out/sequence_time.txt"; done
