@@ -1,7 +1,7 @@
 """Run a config over several seeds and named variants, one after another, into one results table.
 
-    python experiments.py --config configs/ml100k_best.yaml --seeds 3 [--grid grid.yaml] [--set k=v ...]
-                          [--out experiments/<name>] [--against base]
+    python experiments.py --config configs/ml100k_best.yaml --seeds 3 [--grid grid.yaml] [--variants base ...]
+                          [--set k=v ...] [--out experiments/<name>] [--against base] [--commands]
 
 A grid file maps variant names to the overrides that make them (`base: {}` is the config itself):
 
@@ -20,11 +20,18 @@ HParams view (`tensorboard --logdir <out>/runs`). Each run's log shows as it tra
 of the same seed, with its interval and p-value, on validation (what a choice may read) and test. A finished
 run is not run again; a stopped one resumes from its last.pt. Either must have been trained with
 the config the sweep asks for now (where and how fast aside), or the sweep stops and says which key.
+
+`--variants` runs only the named variants of the grid. `--commands` prints the `model_train.py`
+command of each run not yet finished, one a line, and trains nothing: to spread a sweep over
+several GPUs or machines, after which the same sweep without `--commands` reads the runs back,
+resumes the stopped ones, and evaluates. (On one GPU, runs side by side are no faster than one
+after another: benchmarks/README.md.)
 """
 from __future__ import annotations
 
 import csv
 import json
+import shlex
 import signal
 import statistics
 import subprocess
@@ -110,13 +117,23 @@ def check_same_run(folder: Path, wanted: Config) -> None:
                               f"move that folder away or give another --out")
 
 
+def training_command(config: Path, overrides: list[str], variant: str, seed: int, out: Path) -> Optional[list[str]]:
+    """The model_train.py arguments that train one run, or resume it where it stopped; None
+    for a finished run (curves.png is a finished run's last file)."""
+    _, folder, sets = run_settings(overrides, variant, seed, out)
+    if (folder / "curves.png").exists():
+        return None
+    if (folder / "last.pt").exists():
+        return ["model_train.py", "--resume", str(folder)]
+    return ["model_train.py", "--config", str(config), *(a for s in sets for a in ("--set", s))]
+
+
 def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Path) -> dict:
     """Train one variant at one seed (unless it finished before), evaluate its best.pt once."""
-    name, folder, sets = run_settings(overrides, variant, seed, out)
-    if (folder / "last.pt").exists() and not (folder / "curves.png").exists():  # stopped: go on
-        run(["model_train.py", "--resume", str(folder)], f"training {name}")
-    elif not (folder / "curves.png").exists():  # curves.png is a finished run's last file
-        run(["model_train.py", "--config", str(config), *(a for s in sets for a in ("--set", s))], f"training {name}")
+    name, folder, _ = run_settings(overrides, variant, seed, out)
+    command = training_command(config, overrides, variant, seed, out)
+    if command is not None:
+        run(command, f"training {name}")
     test = report_of(folder, "test")
     checkpoint = load_checkpoint(folder / "best.pt")
     best = checkpoint["state"]
@@ -216,10 +233,19 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--against", metavar="VARIANT",
                         help="after the runs, each other variant's paired NDCG@10 difference to this one, seed by "
                              "seed, on validation and test (eval.py --against), into paired.md")
+    parser.add_argument("--variants", nargs="+", metavar="VARIANT", help="only these variants of the grid")
+    parser.add_argument("--commands", action="store_true",
+                        help="print the model_train.py command of each run not yet finished, one a line, and train "
+                             "nothing (to spread the runs over GPUs or machines)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     grid = read_grid(args.grid)
+    unknown = [v for v in args.variants or () if v not in grid]
+    if unknown:
+        parser.error(f"--variants {' '.join(unknown)}: not a variant of {args.grid or 'the sweep'} "
+                     f"(its variants: {', '.join(grid)})")
+    grid = {v: grid[v] for v in args.variants} if args.variants else grid
     if args.against is not None and args.against not in grid:
         parser.error(f"--against {args.against} is not a variant of {args.grid or 'the sweep'} "
                      f"(its variants: {', '.join(grid)})")
@@ -233,6 +259,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         _, folder, sets = run_settings(overrides, variant, seed, out)
         if (folder / "last.pt").exists():
             check_same_run(folder, load_config(args.config.resolve(), sets))
+    if args.commands:  # the runs left, for the caller to start where it likes
+        for variant, seed, overrides in runs:
+            command = training_command(args.config.resolve(), overrides, variant, seed, out)
+            if command is not None:
+                print(shlex.join([sys.executable, str(ROOT / command[0]), *command[1:]]), flush=True)
+        return []
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "grid.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(
         {"config": str(args.config), "overrides": args.overrides, "grid": grid}, sort_keys=False)))

@@ -1,6 +1,7 @@
 """experiments.py: variants x seeds into one table, each run also in TensorBoard's HParams view."""
 import csv
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -62,6 +63,28 @@ def test_seeds_and_variants_make_one_table(ml1m_dir, tmp_path, capfd):
                        "model_config.user_embedding_dimension=0, this sweep asks for 8"):
         experiments.main(argv)  # a changed grid does not read back the old variant's numbers
     assert (tmp_path / "out" / "results.md").read_text() == before
+
+
+def test_commands_print_the_runs_left_of_the_variants_asked_for(ml1m_dir, tmp_path, capsys):
+    """--commands trains nothing and prints each unfinished run's command; a printed command run
+    by hand trains the run the sweep would have, so the next --commands leaves it out."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: {}\nsmall: {model_config.user_embedding_dimension: 4}\nunused: {trainer_config.seed: 9}\n")
+    argv = ["--seeds", "1", "--grid", str(grid), "--variants", "base", "small", "--commands",
+            *sweep_args(ml1m_dir, tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        experiments.main([*argv, "--variants", "bsae"])  # not a variant: said before anything is written
+    assert "--variants bsae: not a variant of" in capsys.readouterr().err
+    experiments.main(argv)
+    commands = capsys.readouterr().out.splitlines()
+    assert [c.split("run_name=")[1].split()[0] for c in commands] == ["base-seed1", "small-seed1"]
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+    subprocess.run(shlex.split(commands[1]), check=True, capture_output=True)
+    from checkpoint import load_checkpoint
+    saved = load_checkpoint(tmp_path / "out" / "models" / "small-seed1" / "best.pt")["config"]
+    assert saved["model_config"]["user_embedding_dimension"] == 4 and saved["trainer_config"]["seed"] == 1
+    experiments.main(argv)
+    assert capsys.readouterr().out.splitlines() == commands[:1]
 
 
 def test_every_shipped_config_and_grid_loads():
