@@ -100,7 +100,8 @@ def test_cuda_graph_step_equals_the_eager_step(ml1m_dir):
         step = make_training_step(model, full_softmax_loss, optimizer, schedule, tc, settings, CUDA)
         for batch in list(train.batches(64))[:8]:
             step(batch)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*(m.parameters() for m in models)))
+    largest = max(float((a - b).abs().max()) for a, b in zip(*(m.parameters() for m in models)))
+    assert largest <= 1e-5, f"the replayed step's weights differ from the eager step's by up to {largest:.3g}"
 
 
 def test_speed_settings():
