@@ -29,6 +29,7 @@ after another: benchmarks/README.md.)
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import shlex
@@ -78,6 +79,15 @@ def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
             for name, overrides in grid.items()}
 
 
+def check_variants(parser: argparse.ArgumentParser, option: str, names: list[str], grid: dict,
+                   path: Optional[Path]) -> None:
+    """A usage error naming the variants of an option that the grid lacks, before anything runs."""
+    unknown = [name for name in names if name not in grid]
+    if unknown:
+        parser.error(f"{option} {' '.join(unknown)}: not a variant of {path or 'the sweep'} "
+                     f"(its variants: {', '.join(grid)})")
+
+
 def run(command: list[str], what: str) -> None:
     """Run a repo script as a process that writes to this one's terminal (its log and progress
     bars show as they come). It runs in a session of its own, so that Ctrl-C, `kill -INT` and
@@ -117,10 +127,9 @@ def check_same_run(folder: Path, wanted: Config) -> None:
                               f"move that folder away or give another --out")
 
 
-def training_command(config: Path, overrides: list[str], variant: str, seed: int, out: Path) -> Optional[list[str]]:
-    """The model_train.py arguments that train one run, or resume it where it stopped; None
-    for a finished run (curves.png is a finished run's last file)."""
-    _, folder, sets = run_settings(overrides, variant, seed, out)
+def training_command(config: Path, folder: Path, sets: list[str]) -> Optional[list[str]]:
+    """The model_train.py arguments that train the run in folder (run_settings), or resume it
+    where it stopped; None for a finished run (curves.png is a finished run's last file)."""
     if (folder / "curves.png").exists():
         return None
     if (folder / "last.pt").exists():
@@ -130,8 +139,8 @@ def training_command(config: Path, overrides: list[str], variant: str, seed: int
 
 def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Path) -> dict:
     """Train one variant at one seed (unless it finished before), evaluate its best.pt once."""
-    name, folder, _ = run_settings(overrides, variant, seed, out)
-    command = training_command(config, overrides, variant, seed, out)
+    name, folder, sets = run_settings(overrides, variant, seed, out)
+    command = training_command(config, folder, sets)
     if command is not None:
         run(command, f"training {name}")
     test = report_of(folder, "test")
@@ -241,14 +250,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     grid = read_grid(args.grid)
-    unknown = [v for v in args.variants or () if v not in grid]
-    if unknown:
-        parser.error(f"--variants {' '.join(unknown)}: not a variant of {args.grid or 'the sweep'} "
-                     f"(its variants: {', '.join(grid)})")
+    check_variants(parser, "--variants", args.variants or [], grid, args.grid)
     grid = {v: grid[v] for v in args.variants} if args.variants else grid
-    if args.against is not None and args.against not in grid:
-        parser.error(f"--against {args.against} is not a variant of {args.grid or 'the sweep'} "
-                     f"(its variants: {', '.join(grid)})")
+    check_variants(parser, "--against", [args.against] if args.against else [], grid, args.grid)
     load_config(args.config, args.overrides)  # every variant's config checked before the first run
     for variant, overrides in grid.items():
         load_config(args.config, [*args.overrides, *overrides], f"{args.grid}, variant {variant}")
@@ -261,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             check_same_run(folder, load_config(args.config.resolve(), sets))
     if args.commands:  # the runs left, for the caller to start where it likes
         for variant, seed, overrides in runs:
-            command = training_command(args.config.resolve(), overrides, variant, seed, out)
+            command = training_command(args.config.resolve(), *run_settings(overrides, variant, seed, out)[1:])
             if command is not None:
                 print(shlex.join([sys.executable, str(ROOT / command[0]), *command[1:]]), flush=True)
         return []
