@@ -120,10 +120,12 @@ def run_processes_of(folder) -> list[str]:
 @pytest.mark.parametrize("how", ["ctrl-c", "kill -TERM", "kill -TERM in the background"])
 def test_a_signal_stops_the_sweep_and_its_run_and_the_same_command_goes_on(how, ml1m_dir, tmp_path):
     """Ctrl-C (the terminal signals the sweep's process group), or a signal to the sweep alone;
-    in the background (`nohup ... &` from a script) the sweep and its runs ignore SIGINT."""
+    in the background (`nohup ... &` from a script) the sweep and its runs ignore SIGINT. The run
+    has 50 epochs of about 0.1 s, so that the signal, sent once its first epoch is saved, finds it
+    training even on a loaded machine."""
     ignored = signal.SIG_IGN if how.endswith("background") else signal.SIG_DFL
     argv = [sys.executable, str(ROOT / "experiments.py"), "--seeds", "1",
-            *sweep_args(ml1m_dir, tmp_path / "out", "trainer_config.num_epochs=5", "trainer_config.patience=null")]
+            *sweep_args(ml1m_dir, tmp_path / "out", "trainer_config.num_epochs=50", "trainer_config.patience=null")]
     sweep = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: (os.setsid(), signal.signal(signal.SIGINT, ignored)))
     last = tmp_path / "out" / "models" / "base-seed1" / "last.pt"
@@ -135,7 +137,7 @@ def test_a_signal_stops_the_sweep_and_its_run_and_the_same_command_goes_on(how, 
         os.kill(sweep.pid, signal.SIGINT if how == "kill -INT" else signal.SIGTERM)
     _, err = sweep.communicate(timeout=120)
     lines = [line.split("\r")[-1].strip() for line in err.splitlines()]
-    assert sweep.returncode == 130 and any(line.startswith("interrupted: the run stopped during epoch") for line in lines)
+    assert sweep.returncode == 130 and any(line.startswith("interrupted: the run stopped during epoch") for line in lines), err
     assert lines[-1] == "interrupted: the sweep stopped during training base-seed1; the same command goes on from there"
     assert not run_processes_of(tmp_path / "out")
     if how != "ctrl-c":  # going on after a stop is the same whatever stopped it
