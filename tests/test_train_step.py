@@ -84,7 +84,13 @@ def test_capturable_optimizer_follows_the_schedule_and_resumes():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_step_equals_the_eager_step(ml1m_dir):
-    """Replayed as one CUDA graph, the steps of a warm-up schedule give the eager step's weights."""
+    """Replayed as one CUDA graph, the steps of a warm-up schedule give the eager step's losses.
+
+    Losses, not weights: CUDA's attention backward adds in no fixed order, and Adam turns gradients
+    that differ in their last bits into weights that differ by up to the learning rate (on the
+    CPU, gradient noise of 1e-7 relative moved this model's weights by 1e-5 in 8 steps and its
+    losses by under 1e-7). A graph that kept a stale learning rate, Adam step count, gradient or
+    batch moved these losses by 2.5e-4 or more within 16 steps."""
     data = load_movielens(ml1m_dir, cache=False)
     train = MovieLensSequenceDataset(data, "train").to(CUDA)
     config = small_config("trainer_config.batch_size=64", "trainer_config.warmup_steps=5",
@@ -93,16 +99,15 @@ def test_cuda_graph_step_equals_the_eager_step(ml1m_dir):
     torch.manual_seed(0)
     models = [build_model(config, data.metadata).to(CUDA)]
     models.append(copy.deepcopy(models[0]))
+    losses = []
     for model, graphed in zip(models, (False, True)):
         settings = speed.Speed(compile=False, bf16=False, cuda_graph=graphed)
         optimizer = make_optimizer(model, tc, CUDA, capturable=graphed)
         schedule = make_schedule(optimizer, tc, steps_per_epoch=10)
         step = make_training_step(model, full_softmax_loss, optimizer, schedule, tc, settings, CUDA)
-        for batch in list(train.batches(64))[:8]:
-            step(batch)
-    differences = {name: float((a - b).abs().max()) for (name, a), (_, b) in
-                   zip(*(m.named_parameters() for m in models))}
-    assert max(differences.values()) <= 1e-5, f"the replayed step's weights differ from the eager step's: {differences}"
+        losses.append(torch.tensor([float(step(batch)[0]) for batch in list(train.batches(64))[:16]]))
+    differences = ((losses[1] - losses[0]).abs() / losses[0]).tolist()
+    assert max(differences) <= 5e-5, f"the replayed steps' losses differ from the eager steps' by {differences}"
 
 
 def test_speed_settings():
