@@ -259,15 +259,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     out = (args.out or Path("experiments") / args.config.stem).resolve()
     runs = [(variant, seed, [*args.overrides, *overrides]) for variant, overrides in grid.items()
             for seed in range(1, args.seeds + 1)]
+    commands = []
     for variant, seed, overrides in runs:  # every run already there checked before anything is written
         _, folder, sets = run_settings(overrides, variant, seed, out)
         if (folder / "last.pt").exists():
             check_same_run(folder, load_config(args.config.resolve(), sets))
+        commands.append(training_command(args.config.resolve(), folder, sets))
     if args.commands:  # the runs left, for the caller to start where it likes
-        for variant, seed, overrides in runs:
-            command = training_command(args.config.resolve(), *run_settings(overrides, variant, seed, out)[1:])
-            if command is not None:
-                print(shlex.join([sys.executable, str(ROOT / command[0]), *command[1:]]), flush=True)
+        for command in filter(None, commands):
+            print(shlex.join([sys.executable, str(ROOT / command[0]), *command[1:]]), flush=True)
         return []
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "grid.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(
