@@ -19,7 +19,7 @@ import dacite
 import torch
 import yaml
 
-from data import (SPLITS, YEAR_BUCKETS, DatasetMetadata, MovieLensData, MovieLensSequenceDataset, SequenceChunks,
+from data import (SPLITS, YEAR_BUCKETS, DatasetMetadata, MovieLensData, MovieLensSequenceDataset, HistoryChunks,
                   load_movielens, movie_feature_tensors)
 from errors import ConfigError
 from movielens_transformer import (INITS, MODES, MOVIE_FEATURES, USER_FEATURES, Features, MovieLensTransformer,
@@ -365,7 +365,7 @@ def make_datasets(config: Config, data: Optional[MovieLensData] = None) -> dict:
     """train, validation and test subsets of the configured split, sharing one parsed data set.
 
     Validation and test are next-movie windows of the context's length in either mode; the
-    window mode trains on such windows, the sequence mode on SequenceChunks.
+    window mode trains on such windows, the sequence mode on HistoryChunks.
     """
     tc, mc = config.trainer_config, config.model_config
     data = data or load_movielens(ensure_movielens(tc.data_dir), cache=tc.cache)
@@ -377,7 +377,7 @@ def make_datasets(config: Config, data: Optional[MovieLensData] = None) -> dict:
     if c > longest + 1:
         raise ConfigError(f"{key} is {c} (from {origin(config, key)}), longer than every history in {tc.data_dir} "
                           f"(the longest: {longest:,} ratings); it must be at most {longest + 1:,} (SOS included)")
-    datasets["train"] = (SequenceChunks(data, c, tc.pack_chunks) if mc.mode == "sequence" else
+    datasets["train"] = (HistoryChunks(data, c, tc.pack_chunks) if mc.mode == "sequence" else
                          MovieLensSequenceDataset(data, "train", c, tc.window_stride, tc.split, tc.seed))
     if len(datasets["train"]) == 0:
         raise ConfigError(f"no training targets in {tc.data_dir} with {key} {c} (from {origin(config, key)}); "

@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional, Protocol
 
 import numpy as np
 import pandas as pd
@@ -330,17 +330,66 @@ def split_positions(data: MovieLensData, split: str, subset: str, context_window
 
 # ----------------------------------------------------------------------------- windows
 
-class Batch(NamedTuple):
-    """Next-movie windows, one target each: what the window mode trains on and every scorer ranks."""
+class Batch(Protocol):
+    """What the model reads of a batch, each field by name, and what the loss compares its output with.
 
-    movie_tokens: torch.Tensor   # [B, T] input window
-    ratings: torch.Tensor        # [B, T]
-    times: torch.Tensor          # [B, T] timestamps
-    user_tokens: torch.Tensor    # [B]
-    next_movie: torch.Tensor     # [B] target token
-    next_rating: torch.Tensor    # [B]
-    next_time: torch.Tensor      # [B] the target's timestamp: when the recommendation is asked for
+    Two layouts hold it: WindowBatch, one target a row at its last position (the window mode's
+    training, every evaluation and recommendation), and ChunkBatch, a target at chosen positions of
+    rows that may hold several chunks of users' histories (the sequence mode's training). A new
+    input is a field of both, filled where the data sets make their batches, read by the model.
+    """
+
+    movie_tokens: torch.Tensor  # [R, T] the input movies
+    ratings: torch.Tensor       # [R, T] their stars
+    times: torch.Tensor         # [R, T] their timestamps
+    user_tokens: torch.Tensor   # [R] (one user a row) or [R, T] (the user of each position)
+
+    @property
+    def positions(self) -> Optional[torch.Tensor]:
+        """[R, T]: each input's position-embedding index; None: 0..T-1 in every row."""
+
+    @property
+    def segments(self) -> torch.Tensor:
+        """[R, T]: which chunk of its row each position belongs to; -1 where there is no input."""
+
+    @property
+    def query_times(self) -> torch.Tensor:
+        """[R, T]: the time of the rating each position predicts, when it is asked for."""
+
+    @property
+    def predict(self) -> Optional[torch.Tensor]:
+        """Bool [R, T]: the positions whose next movie is a target; None: the last of each row."""
+
+    @property
+    def target_tokens(self) -> torch.Tensor:
+        """[N]: the target movie of each predicting position, in row-major order."""
+
+    @property
+    def target_ratings(self) -> torch.Tensor:
+        """[N]: the stars the user gave each target."""
+
+    @property
+    def num_targets(self) -> torch.Tensor | int:
+        """N, as a tensor where counting it would read the device."""
+
+    def fills(self, batch_size: int) -> bool:
+        """Whether this is a batch of the one shape that is compiled and captured as a CUDA graph."""
+
+
+class WindowBatch(NamedTuple):
+    """Next-movie windows, one target each, left-padded with the user's SOS (Batch's first layout)."""
+
+    movie_tokens: torch.Tensor    # [B, T] input window
+    ratings: torch.Tensor         # [B, T]
+    times: torch.Tensor           # [B, T] timestamps
+    user_tokens: torch.Tensor     # [B]
+    target_tokens: torch.Tensor   # [B] the movie after the window
+    target_ratings: torch.Tensor  # [B]
+    target_times: torch.Tensor    # [B] the target's timestamp: when the recommendation is asked for
     history_length: torch.Tensor  # [B] movies the user rated before the target
+
+    positions = None  # the window's own positions
+    predict = None    # the last position
 
     @property
     def padding_mask(self) -> torch.Tensor:
@@ -349,11 +398,27 @@ class Batch(NamedTuple):
         real = (self.history_length + 1).clamp(max=t)  # the movies before the target, and SOS
         return torch.arange(t, device=real.device)[None, :] < (t - real)[:, None]
 
+    @property
+    def segments(self) -> torch.Tensor:
+        return -self.padding_mask.long()
+
+    @property
+    def query_times(self) -> torch.Tensor:
+        """Each position predicts the next input's rating; the last, the target's."""
+        return torch.cat([self.times[:, 1:], self.target_times[:, None]], 1)
+
+    @property
+    def num_targets(self) -> int:
+        return len(self.target_tokens)
+
+    def fills(self, batch_size: int) -> bool:
+        return len(self.target_tokens) == batch_size
+
 
 EXCLUDE = ("history", "window")
 
 
-def seen_mask(data: MovieLensData, batch: Batch, exclude: str = "history") -> torch.Tensor:
+def seen_mask(data: MovieLensData, batch: WindowBatch, exclude: str = "history") -> torch.Tensor:
     """Bool [B, vocab]: movies to drop from the ranking, plus SOS and EOS.
 
     exclude='history' drops every movie the user rated before the target (the honest
@@ -376,7 +441,7 @@ def seen_mask(data: MovieLensData, batch: Batch, exclude: str = "history") -> to
     return mask
 
 
-def with_context(batch: Batch, data: MovieLensData, context_window_size: int) -> Batch:
+def with_context(batch: WindowBatch, data: MovieLensData, context_window_size: int) -> WindowBatch:
     """The batch's targets with windows of another length, for a model of another context; data
     on the batch's device."""
     movie_tokens, ratings, times = data.windows(batch.user_tokens, batch.history_length + 1, context_window_size)
@@ -384,7 +449,7 @@ def with_context(batch: Batch, data: MovieLensData, context_window_size: int) ->
 
 
 def latest_windows(data: MovieLensData, users: torch.Tensor, context_window_size: int,
-                   at: torch.Tensor | None = None) -> Batch:
+                   at: torch.Tensor | None = None) -> WindowBatch:
     """Windows that end with each user's last rating, to recommend what comes next, asked at
     time `at` ([B] or one timestamp; default: the moment of each user's last rating).
 
@@ -394,8 +459,9 @@ def latest_windows(data: MovieLensData, users: torch.Tensor, context_window_size
     eos_slot = data.offsets[users] + n + 1
     eos = torch.full_like(users, data.metadata.eos)
     at = data.flat_times[eos_slot] if at is None else torch.as_tensor(at, dtype=torch.int64).expand(len(users))
-    return Batch(*data.windows(users, n + 1, context_window_size), users, eos, torch.zeros_like(users, dtype=torch.float32),
-                 at, n)
+    movie_tokens, ratings, times = data.windows(users, n + 1, context_window_size)
+    return WindowBatch(movie_tokens, ratings, times, users, target_tokens=eos,
+                       target_ratings=torch.zeros_like(users, dtype=torch.float32), target_times=at, history_length=n)
 
 
 def shared_starts(n: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
@@ -411,13 +477,13 @@ class MovieLensSequenceDataset(Dataset):
     from the flat layout when a batch is made, so memory grows with the number of targets, not
     with targets times the context.
 
-    Items are `(movie_tokens, ratings, user_token, next_movie, next_rating)`, the post's tuple,
+    Items are `(movie_tokens, ratings, user_token, target_token, target_rating)`, the post's tuple,
     so `DataLoader` code works; `batches()` is the fast path: shuffled index slices of tensors
     that may already sit on the training device.
     """
 
     batch_shapes = "fixed"  # every full batch has one shape: it can be compiled and CUDA-graphed
-    TENSORS = ("user_tokens", "positions", "next_movie", "next_rating", "next_time")  # one row per target
+    TENSORS = ("user_tokens", "positions", "target_tokens", "target_ratings", "target_times")  # one row per target
 
     def __init__(self, data: MovieLensData | str | Path, subset: str = "train",
                  context_window_size: int = 5, window_stride: int = 1,
@@ -430,13 +496,13 @@ class MovieLensSequenceDataset(Dataset):
         user, position = (torch.from_numpy(a) for a in
                           split_positions(data, split, subset, context_window_size, window_stride, seed))
         self.user_tokens, self.positions = user, position
-        self.next_movie = data.flat_tokens[data.offsets[user] + position]
-        self.next_rating = data.flat_ratings[data.offsets[user] + position]
-        self.next_time = data.flat_times[data.offsets[user] + position]
+        self.target_tokens = data.flat_tokens[data.offsets[user] + position]
+        self.target_ratings = data.flat_ratings[data.offsets[user] + position]
+        self.target_times = data.flat_times[data.offsets[user] + position]
         self.device_data = data  # the flat layout on the dataset's device
 
     def __len__(self) -> int:
-        return len(self.next_movie)
+        return len(self.target_tokens)
 
     def num_batches(self, batch_size: int, world: int = 1) -> int:
         """Batches per epoch, per process when `world` processes share them (batches())."""
@@ -451,7 +517,7 @@ class MovieLensSequenceDataset(Dataset):
 
     def __getitem__(self, i: int):
         movie_tokens, ratings, _ = self.windows(torch.tensor([i]))
-        return movie_tokens[0], ratings[0], self.user_tokens[i], self.next_movie[i], self.next_rating[i]
+        return movie_tokens[0], ratings[0], self.user_tokens[i], self.target_tokens[i], self.target_ratings[i]
 
     def windows(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(movie tokens, ratings, times) [N, context] of the windows at index, gathered from the flat layout."""
@@ -483,12 +549,13 @@ class MovieLensSequenceDataset(Dataset):
         self.device_data = self.data.to(device)
         return self
 
-    def batch(self, index: torch.Tensor) -> Batch:
-        return Batch(*self.windows(index), self.user_tokens[index], self.next_movie[index], self.next_rating[index],
-                     self.next_time[index], self.positions[index] - 1)
+    def batch(self, index: torch.Tensor) -> WindowBatch:
+        movie_tokens, ratings, times = self.windows(index)
+        return WindowBatch(movie_tokens, ratings, times, self.user_tokens[index], self.target_tokens[index],
+                           self.target_ratings[index], self.target_times[index], self.positions[index] - 1)
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                rank: int = 0, world: int = 1) -> Iterator[Batch]:
+                rank: int = 0, world: int = 1) -> Iterator[WindowBatch]:
         """Batches as index slices; shuffled with `generator` when asked. With `world` processes,
         this one's share: batches rank, rank + world, ... of the same order, as many for each."""
         n = len(self)
@@ -497,12 +564,12 @@ class MovieLensSequenceDataset(Dataset):
         for start in shared_starts(n, batch_size, rank, world):
             yield self.batch(order[start:start + batch_size])
 
-    def seen_mask(self, batch: Batch, exclude: str = "history") -> torch.Tensor:
+    def seen_mask(self, batch: WindowBatch, exclude: str = "history") -> torch.Tensor:
         return seen_mask(self.device_data, batch, exclude)
 
     def target_counts(self) -> torch.Tensor:
         """How often each token is a target here, [vocab]: the in-batch negatives' sampling rates."""
-        return torch.bincount(self.next_movie.cpu(), minlength=self.metadata.vocab_size)
+        return torch.bincount(self.target_tokens.cpu(), minlength=self.metadata.vocab_size)
 
     def training_popularity(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(count, mean rating) per token over this split's training interactions, whichever
@@ -529,32 +596,55 @@ class MovieLensSequenceDataset(Dataset):
 # ----------------------------------------------------------------------------- chunks (sequence mode)
 
 class ChunkBatch(NamedTuple):
-    """Chunks of users' histories, a target at every position: what the sequence mode trains on.
+    """Chunks of users' histories, a target at every trained position (Batch's second layout):
+    what the sequence mode trains on.
 
-    A row holds one chunk, left-padded to the context (SequenceChunks.chunks), or several chunks
+    A row holds one chunk, left-padded to the context (HistoryChunks.chunks), or several chunks
     side by side (packed_batch). Each position carries its chunk's user, its position in that
     chunk's left-padded frame (what the position embedding reads) and which chunk of the row it
     belongs to, so a packed row computes exactly what its chunks' padded rows would.
     """
 
     movie_tokens: torch.Tensor  # [R, T] inputs
+    ratings: torch.Tensor       # [R, T] each input's stars
+    times: torch.Tensor         # [R, T] each input's timestamp
     user_tokens: torch.Tensor   # [R, T] the user of each position's chunk
     positions: torch.Tensor     # [R, T] each input's position in its chunk's left-padded frame
     segments: torch.Tensor      # [R, T] which chunk of the batch each position belongs to; -1: padding
-    targets: torch.Tensor       # [R, T] the movie token after each input position
-    loss_mask: torch.Tensor     # [R, T] positions whose target this chunk trains on
-    times: torch.Tensor         # [R, T] each input's timestamp
-    target_times: torch.Tensor  # [R, T] each target's timestamp
-    ratings: torch.Tensor       # [R, T] each input's stars
-    target_ratings: torch.Tensor  # [R, T] each target's stars
+    predict: torch.Tensor       # [R, T] positions whose next movie this chunk trains on
+    next_tokens: torch.Tensor   # [R, T] the movie after each input position
+    next_ratings: torch.Tensor  # [R, T] its stars
+    next_times: torch.Tensor    # [R, T] its timestamp
 
     @property
     def padding_mask(self) -> torch.Tensor:
         """Bool [R, T]: True at positions that hold no input (before a user's SOS, or a row's free end)."""
         return self.segments < 0
 
+    @property
+    def query_times(self) -> torch.Tensor:
+        return self.next_times
 
-PAD_VALUES = ChunkBatch(0, 0, 0, -1, 0, False, 0, 0, 0.0, 0.0)  # what a packed row holds where no chunk is
+    @property
+    def target_tokens(self) -> torch.Tensor:
+        return self.next_tokens[self.predict]
+
+    @property
+    def target_ratings(self) -> torch.Tensor:
+        return self.next_ratings[self.predict]
+
+    @property
+    def num_targets(self) -> torch.Tensor:
+        return self.predict.sum()
+
+    def fills(self, batch_size: int) -> bool:
+        """Always: the rows vary anyway, and are compiled with dynamic shapes."""
+        return True
+
+
+# what a packed row holds where no chunk is
+PAD_VALUES = ChunkBatch(movie_tokens=0, ratings=0.0, times=0, user_tokens=0, positions=0, segments=-1, predict=False,
+                        next_tokens=0, next_ratings=0.0, next_times=0)
 
 
 def pack_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -594,7 +684,7 @@ def packed_batch(chunks: ChunkBatch, row: torch.Tensor, column: torch.Tensor, ro
     return ChunkBatch(*packed)
 
 
-class SequenceChunks:
+class HistoryChunks:
     """Training data of the `sequence` mode: each user's training history as chunks of at most
     `context_window_size` inputs, trained to predict the next movie at every position.
 
@@ -635,7 +725,7 @@ class SequenceChunks:
         targets = self.data.flat_tokens[torch.from_numpy(self.data.offsets.numpy()[user] + p)]
         return torch.bincount(targets, minlength=self.metadata.vocab_size)
 
-    def to(self, device: str | torch.device) -> "SequenceChunks":
+    def to(self, device: str | torch.device) -> "HistoryChunks":
         self.device = torch.device(device)
         return self
 
@@ -655,12 +745,14 @@ class SequenceChunks:
         user, end = torch.from_numpy(user), torch.from_numpy(end)
         inputs, targets = (window_index(self.data.offsets, user, e, c) for e in (end, end + 1))
         padding = torch.from_numpy(position - 1 < 0)
-        tensors = (self.data.flat_tokens[inputs], user[:, None].expand(-1, c),
-                   torch.arange(c).expand(len(user), -1), torch.where(padding, -1, 0),
-                   self.data.flat_tokens[targets], torch.from_numpy((position > lower[:, None]) & (position >= 1)),
-                   self.data.flat_times[inputs], self.data.flat_times[targets],
-                   self.data.flat_ratings[inputs], self.data.flat_ratings[targets])
-        return ChunkBatch(*(t.to(self.device) for t in tensors))
+        d = self.data
+        chunks = ChunkBatch(movie_tokens=d.flat_tokens[inputs], ratings=d.flat_ratings[inputs], times=d.flat_times[inputs],
+                            user_tokens=user[:, None].expand(-1, c), positions=torch.arange(c).expand(len(user), -1),
+                            segments=torch.where(padding, -1, 0),
+                            predict=torch.from_numpy((position > lower[:, None]) & (position >= 1)),
+                            next_tokens=d.flat_tokens[targets], next_ratings=d.flat_ratings[targets],
+                            next_times=d.flat_times[targets])
+        return ChunkBatch(*(t.to(self.device) for t in chunks))
 
     def batches(self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None,
                 rank: int = 0, world: int = 1) -> Iterator[ChunkBatch]:

@@ -140,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
                          "resamples": args.resamples, "against": args.against, "paired_difference": comparison,
                          "liked_targets": liked, "buckets": buckets,
                          "targets_of": {"users": [metadata.user_ids[u] for u in dataset.user_tokens.tolist()],
-                                        "movies": [metadata.movie_ids[m] for m in dataset.next_movie.tolist()]},
+                                        "movies": [metadata.movie_ids[m] for m in dataset.target_tokens.tolist()]},
                          "model_ranks": ranks["model"].tolist()},
                         indent=2)
     atomic_write(out, lambda tmp: tmp.write_text(report))
@@ -160,7 +160,7 @@ def ranks_of_report(path: Path, dataset, subset: str, exclude: str) -> torch.Ten
                         "give an eval_*.json that eval.py wrote") from None
     metadata = dataset.metadata
     ours = {"users": [metadata.user_ids[u] for u in dataset.user_tokens.tolist()],
-            "movies": [metadata.movie_ids[m] for m in dataset.next_movie.tolist()]}
+            "movies": [metadata.movie_ids[m] for m in dataset.target_tokens.tolist()]}
     if (report.get("subset"), report.get("exclude")) != (subset, exclude) or targets != ours:
         raise UserError(f"--against {path} ranks other targets (subset {report.get('subset')}, exclude "
                         f"{report.get('exclude')}, {len(targets.get('users', []))} targets); the paired difference needs "
@@ -175,7 +175,7 @@ def other_checkpoint_scorer(path: Path, dataset, data, device):
         raise UserError(f"--against {path} was trained on other data ({other_metadata.name}); give a checkpoint "
                         f"of {dataset.metadata.name}")
     theirs = make_datasets(other_config, data)[dataset.subset].to(device)
-    if other_config.trainer_config.split != dataset.split or not torch.equal(theirs.next_movie, dataset.next_movie):
+    if other_config.trainer_config.split != dataset.split or not torch.equal(theirs.target_tokens, dataset.target_tokens):
         raise UserError(f"--against {path} uses another split ({other_config.trainer_config.split}); "
                         "the paired difference needs the same targets")
     scorer = model_scorer(other.to(device))

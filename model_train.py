@@ -79,7 +79,7 @@ def validate(scorer: Scorer, shard, tc: TrainerConfig, compiled: bool, group: Gr
     """Validation loss, and with_metrics HR/NDCG/MRR@10, of every process's shard together."""
     total = torch.zeros((), device=shard.device)
     for batch in shard.batches(tc.eval_batch_size):
-        total += F.cross_entropy(scorer(batch), batch.next_movie, reduction="sum")
+        total += F.cross_entropy(scorer(batch), batch.target_tokens, reduction="sum")
     total, n = sum_over_processes(group, total, len(shard))
     result = {"loss/validation": total / max(n, 1)}
     if with_metrics:

@@ -225,29 +225,27 @@ class Transformer(nn.Module):
     def reads_time(self) -> bool:
         return self.time_bias or self.query_time
 
-    def forward(self, movie_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                segments: Optional[torch.Tensor] = None, times: Optional[torch.Tensor] = None,
-                query_times: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """positions [B, T]: each input's position-embedding index (default 0..T-1); segments
-        [B, T]: which sequence of its row each position belongs to, -1 at padding (default: one
-        sequence a row, no padding). A position attends to the earlier ones of its own segment.
-        times [B, T]: each input's timestamp; query_times [B, T]: that of the rating each position
-        predicts (read with query_time only). extra [B, T, d]: added to the input embeddings."""
+    def forward(self, batch, masked: bool, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The states [R, T, d] of a data.Batch's inputs: its movie tokens at its positions (0..T-1
+        where it has none), plus extra [R, T, d] where given. masked: a position attends to the
+        earlier ones of its own segment (batch.segments); else to every earlier position of its row.
+        A model that reads time reads batch.times, and with query_time batch.query_times."""
+        movie_tokens, positions = batch.movie_tokens, batch.positions
         t = movie_tokens.shape[1]
         if t > self.config.context_window_size:
             raise ValueError(f"input of length {t} exceeds context_window_size "
                              f"{self.config.context_window_size}")
-        if self.reads_time and (times is None or self.query_time and query_times is None):
-            raise ValueError("this model reads timestamps: pass times" + " and query_times" * self.query_time)
         if positions is None:
             positions = torch.arange(t, device=movie_tokens.device)
         x = self.token_embedding(movie_tokens) + self.position_embedding(positions)
         if extra is not None:
             x = x + extra
+        times = batch.times if self.reads_time else None
+        query_times = batch.query_times if self.query_time else None
         if self.gap_embedding is not None:
             x = x + self.gap_embedding(time_buckets(query_times - times))
         x = self.dropout(x)
-        mask = None if segments is None else attention_mask(segments)
+        mask = attention_mask(batch.segments) if masked else None
         distance, gap = self.relations(positions, times, query_times)
         for layer in self.layers:
             x = layer(x, mask, distance, gap)
@@ -274,11 +272,6 @@ def attention_mask(segments: torch.Tensor) -> torch.Tensor:
     return ((causal & same) | torch.eye(t, dtype=torch.bool, device=segments.device))[:, None]
 
 
-def segments_of(padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The segments of left-padded rows, one sequence each: -1 at padding, else 0."""
-    return None if padding_mask is None else -padding_mask.long()
-
-
 class InteractionMLP(nn.Module):
     """Linear+ReLU layers of the given hidden sizes, then a bias-free projection to logits."""
 
@@ -295,9 +288,6 @@ class InteractionMLP(nn.Module):
         for layer in self.net[:-1]:
             x = layer(x)
         return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class MovieLensTransformer(nn.Module):
@@ -324,84 +314,51 @@ class MovieLensTransformer(nn.Module):
         if config.tie_output_embeddings:  # config.check_values: the last hidden size is the embedding's
             self.interaction_mlp.net[-1].weight = self.transformer.token_embedding.weight
 
-    def _inputs(self, movie_tokens: torch.Tensor, ratings: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """What the feature switches add to each input's embedding: [B, T, d], or None."""
+    def _inputs(self, batch) -> Optional[torch.Tensor]:
+        """What the feature switches add to each input's embedding: [R, T, d], or None."""
         parts = []
         if self.movie_features is not None:
-            parts.append(self.movie_features(movie_tokens))
+            parts.append(self.movie_features(batch.movie_tokens))
         if self.rating_embedding is not None:
-            if ratings is None:
-                raise ValueError("this model reads the stars of its inputs: pass ratings")
-            parts.append(self.rating_embedding((ratings * 2).round().long().clamp(0, STAR_STEPS - 1)))
+            parts.append(self.rating_embedding((batch.ratings * 2).round().long().clamp(0, STAR_STEPS - 1)))
         return sum(parts[1:], parts[0]) if parts else None
 
-    def _features(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: Optional[torch.Tensor],
-                  segments: Optional[torch.Tensor], times: Optional[torch.Tensor],
-                  query_times: Optional[torch.Tensor], ratings: Optional[torch.Tensor]) -> torch.Tensor:
-        """[state || user embedding] at every position: [B, T, d + du]; user_tokens [B] (one
-        user a row) or [B, T] (a user per position)."""
-        states = self.transformer(movie_tokens, positions, segments, times, query_times,
-                                  self._inputs(movie_tokens, ratings))
-        users = self.user_embedding(user_tokens)
+    def _features(self, batch, masked: bool) -> torch.Tensor:
+        """[state || user embedding] at every position: [R, T, d + du]."""
+        states = self.transformer(batch, masked, self._inputs(batch))
+        users = self.user_embedding(batch.user_tokens)
         if self.user_features is not None:
-            users = users + self.user_features(user_tokens)
-        if user_tokens.dim() == 1:
-            users = users[:, None, :].expand(-1, movie_tokens.shape[1], -1)
+            users = users + self.user_features(batch.user_tokens)
+        if batch.user_tokens.dim() == 1:
+            users = users[:, None, :].expand(-1, batch.movie_tokens.shape[1], -1)
         return torch.cat([states, users], dim=-1)
 
-    def hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-               times: Optional[torch.Tensor] = None, next_time: Optional[torch.Tensor] = None,
-               ratings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B, H]: the interaction MLP's last hidden layer for the movie after each input window,
-        which output_weight turns into logits.
+    def hidden(self, batch) -> torch.Tensor:
+        """[N, H]: the interaction MLP's last hidden layer for the movie after each of a data.Batch's
+        predicting positions (batch.predict; by default the last of each row), which
+        output_weight turns into logits. The model's one entry point: it reads the batch's fields
+        by name.
 
-        padding_mask: bool [B, T], True at left padding. The sequence mode masks those positions;
-        the post's window model reads the whole window, its SOS padding included, as tokens.
-        times [B, T] and next_time [B]: the inputs' and the predicted rating's timestamps, for
-        a model that reads time; ratings [B, T]: the inputs' stars, for one with rating_input."""
-        b, t = movie_tokens.shape
-        query_times = None if times is None or next_time is None else torch.cat([times[:, 1:], next_time[:, None]], 1)
-        if self.config.mode == "sequence":
-            features = self._features(movie_tokens, user_tokens, None, segments_of(padding_mask), times, query_times,
-                                      ratings)
-            return self.interaction_mlp.hidden(features[:, -1])
-        if t != self.config.transformer_config.context_window_size:
-            raise ValueError(f"window of length {t}; the model takes exactly "
-                             f"{self.config.transformer_config.context_window_size}")
-        features = self._features(movie_tokens, user_tokens, None, None, times, query_times, ratings)
-        return self.interaction_mlp.hidden(features.reshape(b, -1))
-
-    def sequence_hidden(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: torch.Tensor,
-                        segments: torch.Tensor, select: torch.Tensor, times: Optional[torch.Tensor] = None,
-                        target_times: Optional[torch.Tensor] = None,
-                        ratings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[N, H]: the last hidden layer at the N positions where select is True (sequence mode),
-        of rows that may hold several sequences (Transformer.forward's positions and segments;
-        times and target_times [R, T]: the inputs' and their targets' timestamps; ratings: the
-        inputs' stars)."""
-        features = self._features(movie_tokens, user_tokens, positions, segments, times, target_times, ratings)
-        return self.interaction_mlp.hidden(features[select])
+        The window mode flattens the states of the whole window, its SOS padding read as tokens,
+        into one MLP input a row; the sequence mode masks the padding and reads each predicting
+        position's own state."""
+        if self.config.mode == "window":
+            b, t = batch.movie_tokens.shape
+            if t != self.config.transformer_config.context_window_size:
+                raise ValueError(f"window of length {t}; the model takes exactly "
+                                 f"{self.config.transformer_config.context_window_size}")
+            return self.interaction_mlp.hidden(self._features(batch, masked=False).reshape(b, -1))
+        features = self._features(batch, masked=True)
+        return self.interaction_mlp.hidden(features[:, -1] if batch.predict is None else features[batch.predict])
 
     @property
     def output_weight(self) -> torch.Tensor:
         """[vocab, H]: logits = hidden @ output_weight.T (the movie embeddings when tied)."""
         return self.interaction_mlp.net[-1].weight
 
-    def forward(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-                times: Optional[torch.Tensor] = None, next_time: Optional[torch.Tensor] = None,
-                ratings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B, vocab] logits for the movie after each input window (see hidden)."""
-        return self.interaction_mlp.net[-1](self.hidden(movie_tokens, user_tokens, padding_mask, times, next_time,
-                                                        ratings))
-
-    def sequence_logits(self, movie_tokens: torch.Tensor, user_tokens: torch.Tensor, positions: torch.Tensor,
-                        segments: torch.Tensor, select: torch.Tensor, times: Optional[torch.Tensor] = None,
-                        target_times: Optional[torch.Tensor] = None,
-                        ratings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[N, vocab] logits at the N positions where select is True (sequence mode)."""
-        hidden = self.sequence_hidden(movie_tokens, user_tokens, positions, segments, select, times, target_times,
-                                      ratings)
-        return self.interaction_mlp.net[-1](hidden)
+    def forward(self, batch) -> torch.Tensor:
+        """[N, vocab] logits for the movie after each predicting position of a data.Batch (see hidden)."""
+        return self.interaction_mlp.net[-1](self.hidden(batch))
 
 
 def _init_weights(module: nn.Module, fill) -> None:

@@ -1,7 +1,7 @@
 """Ranking and metrics: every scorer ranks all movies for each target, the movies the user rated
 before it removed (or, as the post did, only those of the input window).
 
-A scorer maps a data.Batch to [B, vocab] scores: the model's logits (model_scorer) or one score
+A scorer maps a data.WindowBatch to [B, vocab] scores: the model's logits (model_scorer) or one score
 vector for every user (the popularity baselines). One target per row, so MAP@K equals MRR@K and
 Recall@K equals HR@K; Precision@K is HR@K / K.
 """
@@ -13,11 +13,11 @@ from typing import Callable, Optional, TextIO
 
 import torch
 
-from data import Batch, DatasetMetadata, MovieLensSequenceDataset
+from data import DatasetMetadata, WindowBatch, MovieLensSequenceDataset
 
 METRICS = ("hr", "ndcg", "mrr", "map", "precision", "recall")
 HEADLINE = ("hr", "ndcg", "mrr")  # one target per user: MAP@K is MRR@K, Recall@K is HR@K, Precision@K HR@K / K
-Scorer = Callable[[Batch], torch.Tensor]
+Scorer = Callable[[WindowBatch], torch.Tensor]
 
 
 def model_scorer(model: torch.nn.Module, compiled: bool = False) -> Scorer:
@@ -25,8 +25,7 @@ def model_scorer(model: torch.nn.Module, compiled: bool = False) -> Scorer:
 
     compiled: through torch.compile, with any batch size. It costs seconds of compilation once
     and pays off where evaluation repeats, as in training's validation every epoch."""
-    scorer = lambda batch: model(batch.movie_tokens, batch.user_tokens, batch.padding_mask, batch.times,
-                                 batch.next_time, batch.ratings).float()
+    scorer = lambda batch: model(batch).float()
     return torch.compile(scorer, dynamic=True) if compiled else scorer
 
 
@@ -144,7 +143,7 @@ def target_groups(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
     among the 10% most-rated movies of the training ratings)."""
     history = dataset.history_length.cpu()
     count, _ = dataset.training_popularity()
-    popular = (count >= torch.quantile(count[count > 0], 0.9))[dataset.next_movie.cpu()]
+    popular = (count >= torch.quantile(count[count > 0], 0.9))[dataset.target_tokens.cpu()]
     return {"<= 20 ratings": history <= 20, "21-100 ratings": (history > 20) & (history <= 100),
             "> 100 ratings": history > 100, "target among the 10% most-rated movies": popular,
             "target among the other movies": ~popular}
@@ -152,7 +151,7 @@ def target_groups(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
 
 def liked_targets(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
     """The targets the user rated 4 or 5 stars (the leave-one-out target is every rating, liked or not)."""
-    return {"targets rated 4-5 stars": dataset.next_rating.cpu() >= 4}
+    return {"targets rated 4-5 stars": dataset.target_ratings.cpu() >= 4}
 
 
 def grouped_metrics(per_user: dict[str, dict[str, torch.Tensor]], groups: dict[str, torch.Tensor],
@@ -191,7 +190,7 @@ def grouped_table(grouped: dict[str, dict], ks: tuple[int, ...], against: Option
     return "\n".join(lines)
 
 
-TopSink = Callable[[Batch, torch.Tensor], None]
+TopSink = Callable[[WindowBatch, torch.Tensor], None]
 
 
 @torch.inference_mode()
@@ -207,7 +206,7 @@ def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "
     for batch in dataset.batches(batch_size):
         excluded = dataset.seen_mask(batch, exclude)
         scores = scorer(batch)
-        ranks.append(rank(scores, batch.next_movie, excluded))
+        ranks.append(rank(scores, batch.target_tokens, excluded))
         if top:
             best = scores.masked_fill(excluded, float("-inf")).topk(top, dim=1)
             tokens = best.indices.masked_fill(best.values == float("-inf"), -1).cpu()
@@ -242,7 +241,7 @@ def prediction_writer(f: TextIO, metadata: DatasetMetadata) -> TopSink:
     writer = csv.writer(f)
     writer.writerow(["user_id", "rank", "item_id"])
 
-    def write(batch: Batch, top: torch.Tensor) -> None:
+    def write(batch: WindowBatch, top: torch.Tensor) -> None:
         for user, row in zip(batch.user_tokens.tolist(), top.tolist()):
             writer.writerows((metadata.user_ids[user], r, metadata.movie_ids[t]) for r, t in enumerate(row, 1) if t >= 0)
     return write

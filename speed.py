@@ -25,7 +25,6 @@ import torch
 from loguru import logger
 
 from config import TrainerConfig
-from data import ChunkBatch
 from errors import ConfigError
 
 Step = Callable[[Any], tuple[torch.Tensor, torch.Tensor | int]]  # a batch -> (mean loss, its targets)
@@ -79,12 +78,6 @@ def has_cpu_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def is_full(batch, batch_size: int) -> bool:
-    """A batch of batch_size windows: the one shape that is compiled and captured as a CUDA graph.
-    Every batch of chunks counts as full: its rows vary anyway, and are compiled with dynamic shapes."""
-    return isinstance(batch, ChunkBatch) or len(batch.user_tokens) == batch_size
-
-
 def in_bf16(fn: Step, device: torch.device, enabled: bool) -> Step:
     """fn under bf16 autocast where enabled."""
     def autocast(batch):
@@ -102,7 +95,7 @@ def compiled_for_full_batches(fn: Step, batch_size: int, device: torch.device) -
         torch.use_deterministic_algorithms(True, warn_only=True)
     # fallback_random: aten's random numbers, so dropout draws as it does eagerly (and faster)
     compiled = torch.compile(fn, options={"fallback_random": True} if device.type == "cpu" else None)
-    return lambda batch: compiled(batch) if is_full(batch, batch_size) else fn(batch)
+    return lambda batch: compiled(batch) if batch.fills(batch_size) else fn(batch)
 
 
 def replayed_as_cuda_graph(step: Step, loss_fn: Step, optimizer: torch.optim.Optimizer, batch_size: int) -> Step:
@@ -113,7 +106,7 @@ def replayed_as_cuda_graph(step: Step, loss_fn: Step, optimizer: torch.optim.Opt
 
     def graphed(batch):
         nonlocal replay
-        if not is_full(batch, batch_size) or not optimizer.state:
+        if not batch.fills(batch_size) or not optimizer.state:
             return step(batch)
         replay = replay or capture(step, loss_fn, optimizer, batch)
         return replay(batch)

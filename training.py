@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 import speed
 from config import TrainerConfig
-from data import ChunkBatch
+from data import Batch
 from distributed import weigh_by_targets
 from speed import Step
 
@@ -43,22 +43,14 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
 
 
-def batch_loss(model: torch.nn.Module, batch, loss: Loss,
+def batch_loss(model: torch.nn.Module, batch: Batch, loss: Loss,
                star_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor | int]:
-    """(mean loss, number of targets) of a data.Batch (one target a window) or a data.ChunkBatch
-    (a target at every trained position); star_weights: each target's weight by its stars
-    (rating_weights)."""
-    if isinstance(batch, ChunkBatch):
-        select = batch.loss_mask
-        hidden = model.sequence_hidden(batch.movie_tokens, batch.user_tokens, batch.positions, batch.segments,
-                                      select, batch.times, batch.target_times, batch.ratings)
-        targets, stars, count = batch.targets[select], batch.target_ratings[select], select.sum()
-    else:
-        hidden = model.hidden(batch.movie_tokens, batch.user_tokens, batch.padding_mask, batch.times, batch.next_time,
-                              batch.ratings)
-        targets, stars, count = batch.next_movie, batch.next_rating, len(batch.next_movie)
-    weights = None if star_weights is None else weight_by_stars(star_weights, stars)
-    return loss(hidden, model.output_weight, targets, weights=weights), count
+    """(mean loss, number of targets) of a data.Batch: the model's last hidden layer at the batch's
+    predicting positions against its target movies; star_weights: each target's weight by its
+    stars (rating_weights)."""
+    hidden = model.hidden(batch)
+    weights = None if star_weights is None else weight_by_stars(star_weights, batch.target_ratings)
+    return loss(hidden, model.output_weight, batch.target_tokens, weights=weights), batch.num_targets
 
 
 def weight_by_stars(star_weights: torch.Tensor, stars: torch.Tensor) -> torch.Tensor:
@@ -120,7 +112,7 @@ def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 def make_loss(tc: TrainerConfig, train_set) -> Loss:
     """The configured loss for this training data (data.MovieLensSequenceDataset or
-    data.SequenceChunks: its movie count, and for in-batch negatives how often each movie is a
+    data.HistoryChunks: its movie count, and for in-batch negatives how often each movie is a
     target, their sampling rate)."""
     if tc.loss == "full":
         return lambda h, w, t, weights=None: full_softmax_loss(h, w, t, tc.label_smoothing, tc.loss_chunk_rows, weights)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import Config, build_model, load_config, make_datasets, pick_device  # noqa: E402
 from errors import run_script  # noqa: E402
 from measure import peak_rss_of_this_process  # noqa: E402
-from data import MovieLensSequenceDataset, load_movielens, tokenize  # noqa: E402
+from data import MovieLensSequenceDataset, WindowBatch, load_movielens, tokenize  # noqa: E402
 from ranking import Scorer, model_scorer, rank_all, ranker  # noqa: E402
 from releases import FORMATS, RATING_COLUMNS, detect_format, read_ratings  # noqa: E402
 from speed import Step, speed_settings  # noqa: E402
@@ -141,9 +141,11 @@ def train_post_style(model, optimizer, dataset, steps: int, device: torch.device
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        movie_tokens, _, users, next_movie, _ = next(loader)
-        logits = model(movie_tokens.to(device), users.to(device))
-        loss = F.cross_entropy(logits, next_movie.to(device))
+        movie_tokens, ratings, users, target_tokens, target_ratings = (t.to(device) for t in next(loader))
+        no_times = torch.zeros_like(movie_tokens)  # the post's model reads no time
+        logits = model(WindowBatch(movie_tokens, ratings, no_times, users, target_tokens, target_ratings, no_times[:, 0],
+                                   history_length=torch.full_like(users, movie_tokens.shape[1])))
+        loss = F.cross_entropy(logits, target_tokens)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -182,7 +184,7 @@ def eval_post_style(model, dataset, k: int = 10) -> float:
     start = time.perf_counter()
     for batch in dataset.batches(512):
         for row, kept in enumerate(drop_seen_per_row(scorer(batch), batch, dataset, k)):
-            int((kept == batch.next_movie[row].cpu()).any())
+            int((kept == batch.target_tokens[row].cpu()).any())
     return len(dataset) / (time.perf_counter() - start)
 
 
@@ -195,7 +197,7 @@ def ranking_stage(model, dataset, compiled: bool, k: int = 10) -> tuple[float, f
     rank = ranker(compiled)
     start = time.perf_counter()
     for batch, s in zip(batches, scores):
-        rank(s, batch.next_movie, dataset.seen_mask(batch))
+        rank(s, batch.target_tokens, dataset.seen_mask(batch))
     fast = len(dataset) / (time.perf_counter() - start)
     start = time.perf_counter()
     for batch, s in zip(batches, scores):
@@ -265,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     train_set = datasets["train"].to(device)
     cpu_train = load_fast(config, args.data_dir, True)["train"]
     post_train = torch.utils.data.TensorDataset(cpu_train.movie_tokens, cpu_train.ratings, cpu_train.user_tokens,
-                                                cpu_train.next_movie, cpu_train.next_rating)  # the post's lists
+                                                cpu_train.target_tokens, cpu_train.target_ratings)  # the post's lists
     torch.manual_seed(0)
     model = build_model(config, train_set.metadata).to(device)
     step_fn = trainer_step(model, config, train_set, device)

@@ -86,9 +86,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     sync(device)
     seconds = time.perf_counter() - start
 
-    computed = sum(b.loss_mask.numel() for b in batches)
+    computed = sum(b.predict.numel() for b in batches)
     real = sum(int((~b.padding_mask).sum()) for b in batches)
-    trained = sum(int(b.loss_mask.sum()) for b in batches)
+    trained = sum(int(b.predict.sum()) for b in batches)
     model_loss = ModelLoss(model, loss)
     with FlopCounterMode(display=False) as counter:
         for batch in batches:

@@ -77,3 +77,32 @@ def validation_ndcg_against_most_rated(checkpoint: Path) -> tuple[float, float]:
     ours = ranking.evaluate(ranking.model_scorer(model), validation, ks=(10,))["ndcg@10"]
     most_rated = ranking.constant_scorer(ranking.popularity_baselines(validation)["most-rated"])
     return ours, ranking.evaluate(most_rated, validation, ks=(10,))["ndcg@10"]
+
+
+def window_batch(movie_tokens, user_tokens, times=None, target_times=None, ratings=None, padded: int = 0):
+    """A data.WindowBatch of these windows (one target a row, unknown: token 0), `padded` positions
+    of each row left padding; times default to 0, ratings to 3 stars."""
+    import torch
+    from data import WindowBatch
+
+    b, t = movie_tokens.shape
+    times = torch.zeros(b, t, dtype=torch.long) if times is None else times
+    return WindowBatch(movie_tokens, torch.full((b, t), 3.0) if ratings is None else ratings, times, user_tokens,
+                       target_tokens=torch.zeros(b, dtype=torch.long), target_ratings=torch.full((b,), 3.0),
+                       target_times=times[:, -1] if target_times is None else target_times,
+                       history_length=torch.full((b,), t - 1 - padded))
+
+
+def chunk_batch(movie_tokens, user_tokens, times=None, next_times=None, segments=None):
+    """A data.ChunkBatch of these rows, one chunk a row (segments: -1 at padding), every position
+    predicting; user_tokens [R]; times default to 0."""
+    import torch
+    from data import ChunkBatch
+
+    r, t = movie_tokens.shape
+    times = torch.zeros(r, t, dtype=torch.long) if times is None else times
+    return ChunkBatch(movie_tokens, torch.full((r, t), 3.0), times, user_tokens[:, None].expand(-1, t),
+                      positions=torch.arange(t).expand(r, -1),
+                      segments=torch.zeros(r, t, dtype=torch.long) if segments is None else segments,
+                      predict=torch.ones(r, t, dtype=torch.bool), next_tokens=torch.zeros(r, t, dtype=torch.long),
+                      next_ratings=torch.full((r, t), 3.0), next_times=times if next_times is None else next_times)

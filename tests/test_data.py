@@ -88,15 +88,15 @@ def test_windows_match_the_posts_unfold(tmp_path):
     train = data.MovieLensSequenceDataset(movielens, "train", context_window_size=5)
     assert train[0][0].tolist() == [sos, 0, 1, 2, 3] and int(train[0][3]) == 4
     inputs, targets = _post_windows([sos] + movies[:-2], 5)  # leave-one-out keeps the last two
-    assert train.movie_tokens.tolist() == inputs and train.next_movie.tolist() == targets
+    assert train.movie_tokens.tolist() == inputs and train.target_tokens.tolist() == targets
     assert train.ratings[0].tolist() == [0, 1, 2, 3, 4]
 
     parts = [data.MovieLensSequenceDataset(movielens, s, 5, split="random_windows", seed=3)
              for s in ("train", "validation")]
     got = sorted(zip(torch.cat([p.movie_tokens for p in parts]).tolist(),
-                     torch.cat([p.next_movie for p in parts]).tolist()))
+                     torch.cat([p.target_tokens for p in parts]).tolist()))
     inputs, targets = _post_windows([sos] + movies + [eos], 5)
-    train_eos = [t for t in parts[0].next_movie.tolist() if t == eos]
+    train_eos = [t for t in parts[0].target_tokens.tolist() if t == eos]
     expected = sorted((x, y) for x, y in zip(inputs, targets) if y != eos or train_eos)
     assert got == expected
 
@@ -105,7 +105,7 @@ def test_window_stride_spaces_targets(tmp_path):
     rows = [(1, 7 + 3 * m, 3, 100 + m) for m in range(12)]
     movielens = data.load_movielens(write_ml1m(tmp_path / "ml-1m", rows, num_users=1, num_movies=12))
     train = data.MovieLensSequenceDataset(movielens, "train", context_window_size=3, window_stride=2)
-    assert train.next_movie.tolist() == [2, 4, 6, 8]
+    assert train.target_tokens.tolist() == [2, 4, 6, 8]
     assert train.movie_tokens[1].tolist() == [1, 2, 3]
 
 
@@ -116,11 +116,11 @@ def test_leave_one_out_has_no_leakage(ml1m_dir):
     assert len(val) == len(test) == 300
     for u in range(300):
         rows = train.user_tokens == u
-        held = {int(val.next_movie[u]), int(test.next_movie[u])}
+        held = {int(val.target_tokens[u]), int(test.target_tokens[u])}
         assert not held & set(train.movie_tokens[rows].flatten().tolist())
-        assert not held & set(train.next_movie[rows].tolist())
+        assert not held & set(train.target_tokens[rows].tolist())
     # validation inputs end right before the validation item; test inputs include it
-    assert torch.equal(test.movie_tokens[:, -1], val.next_movie)
+    assert torch.equal(test.movie_tokens[:, -1], val.target_tokens)
     assert torch.equal(test.movie_tokens[:, :-1], val.movie_tokens[:, 1:])
     assert torch.equal(test.history_length, val.history_length + 1)
 
@@ -130,7 +130,7 @@ def test_short_histories_are_padded_with_sos(tmp_path):
     movielens = data.load_movielens(write_ml1m(tmp_path / "ml-1m", rows, num_users=1, num_movies=3))
     sos = movielens.metadata.sos
     val = data.MovieLensSequenceDataset(movielens, "validation", 5)
-    assert val.movie_tokens.tolist() == [[sos, sos, sos, sos, 0]] and val.next_movie.tolist() == [1]
+    assert val.movie_tokens.tolist() == [[sos, sos, sos, sos, 0]] and val.target_tokens.tolist() == [1]
     assert len(data.MovieLensSequenceDataset(movielens, "train", 5)) == 0
 
 
@@ -154,8 +154,8 @@ def test_dataloader_items_and_fast_batches_agree(ml1m_dir):
     loader = torch.utils.data.DataLoader(ds, batch_size=64)
     movie_ids, ratings, users, next_movie, next_rating = next(iter(loader))
     fast = next(ds.batches(64))
-    assert torch.equal(movie_ids, fast.movie_tokens) and torch.equal(next_movie, fast.next_movie)
-    assert torch.equal(users, fast.user_tokens) and torch.equal(next_rating, fast.next_rating)
+    assert torch.equal(movie_ids, fast.movie_tokens) and torch.equal(next_movie, fast.target_tokens)
+    assert torch.equal(users, fast.user_tokens) and torch.equal(next_rating, fast.target_ratings)
     g = torch.Generator().manual_seed(0)
     seen = torch.cat([b.user_tokens for b in ds.batches(100, shuffle=True, generator=g)])
     assert sorted(seen.tolist()) == sorted(ds.user_tokens.tolist())

@@ -76,7 +76,7 @@ def test_batched_evaluation_equals_row_by_row(ml1m_dir):
         start = int(movielens.offsets[u]) + 1
         seen = set(movielens.flat_tokens[start:start + h].tolist()) | {movielens.metadata.sos, movielens.metadata.eos}
         order = [t for t in torch.argsort(table[u], descending=True, stable=True).tolist() if t not in seen]
-        assert ranks[i] == order.index(int(test.next_movie[i]))
+        assert ranks[i] == order.index(int(test.target_tokens[i]))
         assert top[i].tolist() == order[:5]
 
 

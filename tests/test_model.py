@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import window_batch
 from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig, Transformer, TransformerConfig
 
 
@@ -14,11 +15,11 @@ def small_config(**transformer) -> MovieLensTransformerConfig:
 
 def test_output_shapes():
     model = MovieLensTransformer(small_config())
-    logits = model(torch.randint(0, 50, (3, 5)), torch.tensor([0, 4, 9]))
+    logits = model(window_batch(torch.randint(0, 50, (3, 5)), torch.tensor([0, 4, 9])))
     assert logits.shape == (3, 50)
-    assert model.transformer(torch.randint(0, 50, (3, 4))).shape == (3, 4, 16)
+    assert model.transformer(window_batch(torch.randint(0, 50, (3, 4)), None), masked=False).shape == (3, 4, 16)
     with pytest.raises(ValueError, match="exactly 5"):
-        model(torch.randint(0, 50, (3, 4)), torch.tensor([0, 1, 2]))
+        model(window_batch(torch.randint(0, 50, (3, 4)), torch.tensor([0, 1, 2])))
 
 
 def test_post_initialisation_is_uniform_in_a_tenth():
@@ -34,7 +35,7 @@ def test_attention_is_causal():
     x = torch.randint(0, 50, (2, 5))
     y = x.clone()
     y[:, 3:] = (y[:, 3:] + 1) % 50
-    a, b = transformer(x), transformer(y)
+    a, b = (transformer(window_batch(z, None), masked=False) for z in (x, y))
     assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6)
     assert not torch.allclose(a[:, 3:], b[:, 3:])
 
@@ -46,7 +47,7 @@ def test_one_batch_overfits():
     x, users, y = torch.randint(0, 50, (32, 5)), torch.randint(0, 10, (32,)), torch.randint(0, 50, (32,))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(300):
-        loss = F.cross_entropy(model(x, users), y)
+        loss = F.cross_entropy(model(window_batch(x, users)), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -57,6 +58,6 @@ def test_training_forward_on_a_cpu_matches_evaluation_when_nothing_is_dropped():
     """Attention dropout so small that no weight is dropped: training takes the written-out
     attention path, evaluation SDPA, and both give the same logits."""
     model = MovieLensTransformer(small_config(embedding_dropout=0.0, attention_dropout=1e-9, residual_dropout=0.0))
-    x, users = torch.randint(0, 50, (4, 5)), torch.tensor([0, 1, 2, 3])
-    trained = model.train()(x, users)
-    assert torch.allclose(trained, model.eval()(x, users), atol=1e-5)
+    batch = window_batch(torch.randint(0, 50, (4, 5)), torch.tensor([0, 1, 2, 3]))
+    trained = model.train()(batch)
+    assert torch.allclose(trained, model.eval()(batch), atol=1e-5)

@@ -5,7 +5,7 @@ import torch
 import data
 import model_train
 from config import DEFAULT_CONFIG, TrainerConfig, load_config
-from conftest import validation_ndcg_against_most_rated
+from conftest import chunk_batch, validation_ndcg_against_most_rated, window_batch
 from movielens_transformer import MovieLensTransformer, MovieLensTransformerConfig, TransformerConfig
 from training import batch_loss, make_loss
 
@@ -20,14 +20,11 @@ def sequence_model(context: int = 12, vocab: int = 60, users: int = 5, **kw) -> 
 
 def test_logits_at_t_ignore_later_inputs():
     model = sequence_model()
-    x, users = torch.randint(0, 58, (3, 12)), torch.tensor([0, 2, 4])[:, None].expand(-1, 12)
-    positions, segments = torch.arange(12).expand(3, -1), torch.zeros(3, 12, dtype=torch.long)
-    everywhere = torch.ones(3, 12, dtype=torch.bool)
+    x, users = torch.randint(0, 58, (3, 12)), torch.tensor([0, 2, 4])
     for t in (0, 5, 10):
         y = x.clone()
         y[:, t + 1:] = (y[:, t + 1:] + 7) % 58
-        a = model.sequence_logits(x, users, positions, segments, everywhere).view(3, 12, -1)
-        b = model.sequence_logits(y, users, positions, segments, everywhere).view(3, 12, -1)
+        a, b = (model(chunk_batch(z, users)).view(3, 12, -1) for z in (x, y))
         assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-5)
         assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
 
@@ -35,14 +32,12 @@ def test_logits_at_t_ignore_later_inputs():
 def test_padding_is_invisible_to_real_positions():
     model = sequence_model()
     x, users = torch.randint(0, 58, (2, 12)), torch.tensor([1, 3])
-    pad = torch.zeros(2, 12, dtype=torch.bool)
-    pad[:, :4] = True
     y = x.clone()
     y[:, :4] = (y[:, :4] + 11) % 58
-    assert torch.allclose(model(x, users, pad), model(y, users, pad), atol=1e-5)
-    positions, segments = torch.arange(12).expand(2, -1), -pad.long()
-    logits = model.sequence_logits(x, users[:, None].expand(-1, 12), positions, segments, torch.ones_like(pad))
-    assert torch.isfinite(logits).all()
+    assert torch.allclose(model(window_batch(x, users, padded=4)), model(window_batch(y, users, padded=4)), atol=1e-5)
+    segments = torch.zeros(2, 12, dtype=torch.long)
+    segments[:, :4] = -1
+    assert torch.isfinite(model(chunk_batch(x, users, segments=segments))).all()
 
 
 def test_tied_output_layer_is_the_movie_embedding():
@@ -52,23 +47,23 @@ def test_tied_output_layer_is_the_movie_embedding():
 
 def test_chunks_cover_each_training_target_once_and_never_held_out_items(ml1m_dir):
     movielens = data.load_movielens(ml1m_dir)
-    chunks_source = data.SequenceChunks(movielens, context_window_size=8)
+    chunks_source = data.HistoryChunks(movielens, context_window_size=8)
     validation = data.MovieLensSequenceDataset(movielens, "validation", 8)
     test = data.MovieLensSequenceDataset(movielens, "test", 8)
     generator = torch.Generator().manual_seed(0)
     first = chunks_source.chunks(generator)
     second = chunks_source.chunks(generator)
-    assert int(first.loss_mask.sum()) == int(second.loss_mask.sum()) == len(chunks_source)
-    assert not torch.equal(first.loss_mask, second.loss_mask) or len(first.loss_mask) != len(second.loss_mask)
+    assert int(first.predict.sum()) == int(second.predict.sum()) == len(chunks_source)
+    assert not torch.equal(first.predict, second.predict) or len(first.predict) != len(second.predict)
     for chunk in (first, second):
         for u in range(movielens.metadata.num_users):
             rows = chunk.user_tokens[:, 0] == u
-            held = {int(validation.next_movie[u]), int(test.next_movie[u])}
+            held = {int(validation.target_tokens[u]), int(test.target_tokens[u])}
             real_inputs = chunk.movie_tokens[rows][~chunk.padding_mask[rows]]
             assert not held & set(real_inputs.tolist())
-            assert not held & set(chunk.targets[rows][chunk.loss_mask[rows]].tolist())
+            assert not held & set(chunk.next_tokens[rows][chunk.predict[rows]].tolist())
         # every trained target sees its full history up to the context
-        assert (chunk.padding_mask & chunk.loss_mask).sum() == 0
+        assert (chunk.padding_mask & chunk.predict).sum() == 0
 
 
 def test_window_padding_marks_positions_before_sos(ml1m_dir):
@@ -112,14 +107,14 @@ def test_rows_are_packed_first_fit_decreasing_without_overlap():
 def test_packed_batches_train_as_left_padded_rows(ml1m_dir):
     """The same chunks packed into fewer rows give the same loss and gradients, every target once."""
     movielens = data.load_movielens(ml1m_dir)
-    padded, packed = (list(data.SequenceChunks(movielens, 24, packed=p).batches(16, generator=torch.Generator()
+    padded, packed = (list(data.HistoryChunks(movielens, 24, packed=p).batches(16, generator=torch.Generator()
                                                                                .manual_seed(3))) for p in (False, True))
     assert sum(len(b.movie_tokens) for b in packed) < 0.8 * sum(len(b.movie_tokens) for b in padded)
     model = sequence_model(context=24, vocab=movielens.metadata.vocab_size, users=movielens.metadata.num_users)
     loss = make_loss(TrainerConfig(), None)
     for a, b in zip(padded, packed):
-        assert int(a.loss_mask.sum()) == int(b.loss_mask.sum())
-        assert torch.equal(a.targets[a.loss_mask].sort().values, b.targets[b.loss_mask].sort().values)
+        assert int(a.predict.sum()) == int(b.predict.sum())
+        assert torch.equal(a.target_tokens.sort().values, b.target_tokens.sort().values)
         gradients = []
         for batch in (a, b):
             model.zero_grad()

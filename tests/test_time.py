@@ -8,7 +8,7 @@ import eval as evaluation
 import model_train
 import recommend
 from config import TrainerConfig, load_config
-from conftest import write_ml1m
+from conftest import chunk_batch, window_batch, write_ml1m
 from errors import ConfigError, UserError
 from movielens_transformer import TIME_BUCKETS, time_buckets
 from test_sequence import sequence_model
@@ -33,13 +33,13 @@ def test_windows_and_chunks_carry_the_times_of_their_inputs_and_targets(ml1m_dir
     test = data.MovieLensSequenceDataset(movielens, "test", 8)
     batch = test.batch(torch.arange(len(test)))
     last = movielens.offsets + movielens.lengths
-    assert torch.equal(batch.next_time, movielens.flat_times[last[batch.user_tokens]])
+    assert torch.equal(batch.target_times, movielens.flat_times[last[batch.user_tokens]])
     assert torch.equal(batch.times[:, -1], movielens.flat_times[last[batch.user_tokens] - 1])
     for packed in (False, True):
-        chunks = next(data.SequenceChunks(movielens, 24, packed).batches(16, generator=torch.Generator().manual_seed(1)))
+        chunks = next(data.HistoryChunks(movielens, 24, packed).batches(16, generator=torch.Generator().manual_seed(1)))
         same_chunk = (chunks.segments[:, 1:] == chunks.segments[:, :-1]) & (chunks.segments[:, 1:] >= 0)
-        assert torch.equal(chunks.target_times[:, :-1][same_chunk], chunks.times[:, 1:][same_chunk])
-        assert (chunks.target_times >= chunks.times).all()
+        assert torch.equal(chunks.query_times[:, :-1][same_chunk], chunks.times[:, 1:][same_chunk])
+        assert (chunks.query_times >= chunks.times).all()
 
 
 def test_time_buckets_are_logarithmic_and_bounded():
@@ -62,11 +62,10 @@ def test_a_prediction_reads_no_later_rating_and_only_its_own_query_time(switches
     of the rating they predict, and only that position's."""
     model = sequence_model(**switches)
     x, times, target_times = history()
-    users, positions = torch.tensor([1, 2])[:, None].expand(-1, 12), torch.arange(12).expand(2, -1)
-    segments, everywhere = torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 12, dtype=torch.bool)
+    users = torch.tensor([1, 2])
 
     def logits(x, times, target_times):
-        return model.sequence_logits(x, users, positions, segments, everywhere, times, target_times).view(2, 12, -1)
+        return model(chunk_batch(x, users, times, target_times)).view(2, 12, -1)
     before = logits(x, times, target_times)
     i = 5
     later_x, later_times = x.clone(), times.clone()
@@ -91,18 +90,14 @@ def test_a_time_model_scores_a_window_as_its_sequence_ends(switches):
     model = sequence_model(**switches)
     x, times, target_times = history()
     users = torch.tensor([1, 2])
-    sequence = model.sequence_logits(x, users[:, None].expand(-1, 12), torch.arange(12).expand(2, -1),
-                                     torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 12, dtype=torch.bool),
-                                     times, target_times).view(2, 12, -1)
-    assert torch.allclose(model(x, users, None, times, target_times[:, -1]), sequence[:, -1], atol=1e-5)
-    with pytest.raises(ValueError, match="this model reads timestamps"):
-        model(x, users)
+    sequence = model(chunk_batch(x, users, times, target_times)).view(2, 12, -1)
+    assert torch.allclose(model(window_batch(x, users, times, target_times[:, -1])), sequence[:, -1], atol=1e-5)
 
 
 @pytest.mark.parametrize("switches", [TIME, QUERY_TIME])
 def test_packed_time_batches_train_as_left_padded_rows(ml1m_dir, switches):
     movielens = data.load_movielens(ml1m_dir)
-    padded, packed = (next(data.SequenceChunks(movielens, 24, packed=p).batches(16, generator=torch.Generator()
+    padded, packed = (next(data.HistoryChunks(movielens, 24, packed=p).batches(16, generator=torch.Generator()
                                                                                .manual_seed(3))) for p in (False, True))
     model = sequence_model(context=24, vocab=movielens.metadata.vocab_size, users=movielens.metadata.num_users,
                            **switches)

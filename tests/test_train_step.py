@@ -6,7 +6,7 @@ import torch
 
 import speed
 from config import TrainerConfig, build_model, load_config
-from data import MovieLensSequenceDataset, SequenceChunks, load_movielens
+from data import MovieLensSequenceDataset, HistoryChunks, load_movielens
 from kernels import dropout
 from training import (ModelLoss, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
                       make_training_step, seed_epoch, train_step)
@@ -39,7 +39,7 @@ def test_compiled_loss_equals_eager_loss(ml1m_dir):
 def test_compiled_packed_loss_equals_eager_loss(ml1m_dir):
     """The sequence mode's default on a CPU: packed chunks through the compiled loss."""
     data = load_movielens(ml1m_dir, cache=False)
-    batch = next(SequenceChunks(data, 16).batches(32, generator=torch.Generator().manual_seed(0)))
+    batch = next(HistoryChunks(data, 16).batches(32, generator=torch.Generator().manual_seed(0)))
     assert (batch.segments.max(1).values > 0).any()  # some row holds several chunks
     config = small_config("model_config.mode=sequence", "model_config.transformer_config.context_window_size=16",
                           "model_config.interaction_mlp_hidden_sizes=[]")
