@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 import torch
 
-from config import Config, apply_overrides, build_model, changed_settings, config_from_dict, upgrade_saved_config
+from build import build_model
+from config import Config, apply_overrides, changed_settings, config_from_dict, declared_keys
 from data import DatasetMetadata, MovieLensData, load_movielens
 from errors import CheckpointError, ConfigError
 from files import atomic_write
@@ -51,27 +52,26 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def saved_config(checkpoint: dict, overrides: list[str] = (), source: str = "checkpoint config") -> Config:
-    """The config a checkpoint was trained with (keys of earlier versions upgraded), with
-    `--set` overrides applied."""
-    raw = upgrade_saved_config(copy.deepcopy(checkpoint["config"]))
-    return config_from_dict(raw, apply_overrides(raw, overrides, source))
+    """The config a checkpoint was trained with, with `--set` overrides applied. Keys added since
+    take their defaults; a key an earlier version had and this one renamed or dropped is a
+    ConfigError: that checkpoint belongs to its own version of the repo."""
+    raw = copy.deepcopy(checkpoint["config"])
+    return config_from_dict(raw, apply_overrides(raw, overrides, source, old_key_remedy=OLD_CHECKPOINT))
 
 
-# what a resumed run may change: how long and how fast it trains, what it logs, where it runs
-RESUMABLE = {f"trainer_config.{key}" for key in (
-    "num_epochs", "patience", "eval_every", "log_every", "learning_rate", "lr_schedule", "warmup_steps", "min_lr_ratio",
-    "grad_clip", "weight_decay", "label_smoothing", "eval_batch_size", "loss_chunk_rows", "device", "compile", "bf16",
-    "cuda_graph", "pack_chunks", "cache", "data_dir")}
+OLD_CHECKPOINT = ("the checkpoint was written by an earlier version of this repo: read it with that version "
+                  "(git checkout an older commit), or train it anew")
 
 
 def resume_config(checkpoint: dict, overrides: list[str], source: str) -> tuple[Config, list[str]]:
-    """The config to continue a run with: the checkpoint's, with `--set` overrides of the keys
-    in RESUMABLE, and a line for each value that changes. Any other key (the model's shape, the
-    split, the batch size, the optimizer, the seed) cannot change mid-run: a ConfigError names it."""
+    """The config to continue a run with: the checkpoint's, with `--set` overrides of the keys a
+    resumed run may change (keys.key's resume), and a line for each value that changes. Any other
+    key (the model's shape, the split, the batch size, the optimizer, the seed) cannot change
+    mid-run: a ConfigError names it."""
     config = saved_config(checkpoint, overrides, source)
-    changes = []  # a key newer than the checkpoint: its default
+    changes, declared = [], declared_keys()
     for key, (before, value) in changed_settings(saved_config(checkpoint), config).items():
-        if key not in RESUMABLE:
+        if not declared[key].resume:
             raise ConfigError(f"{key} cannot change when a run is resumed (from --set: {before!r} -> "
                               f"{value!r}); start a new run to change it")
         changes.append(f"{key} {before!r} -> {value!r}")

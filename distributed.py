@@ -20,7 +20,7 @@ from typing import Callable, NoReturn, TypeVar
 import torch
 import torch.distributed as dist
 
-from config import pick_device
+from build import pick_device
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from checkpoint import data_for_checkpoint, inputs_of, load_checkpoint, metrics_report, model_from_checkpoint
-from config import make_datasets, pick_device
+from build import make_datasets, pick_device
 from data import EXCLUDE, with_context
 from errors import UserError, argument_parser, run_script
 from files import atomic_write, refuse_to_overwrite

@@ -44,7 +44,7 @@ import yaml
 from tbparse import SummaryReader
 
 from checkpoint import load_checkpoint, metrics_report, saved_config
-from config import DEFAULT_CONFIG, Config, changed_settings, load_config, parse_yaml
+from config import DEFAULT_CONFIG, Config, changed_settings, declared_keys, load_config, parse_yaml
 from errors import ConfigError, Interrupted, UserError, argument_parser, run_script
 from files import atomic_write
 
@@ -56,14 +56,6 @@ SUMMARY = ["validation_ndcg@10", "test_ndcg@10", "test_hr@10", "test_mrr"]
 NAMES = {"best_epoch": "best epoch", "validation_ndcg@10": "validation NDCG@10", "validation_hr@10": "validation HR@10",
          "test_ndcg@10": "test NDCG@10", "test_hr@10": "test HR@10", "test_mrr": "test MRR"}  # the tables' headers
 YARDSTICK = "most-rated (training counts)"
-# Keys that say where a run reads and writes and how fast it goes, not what it learns, and the two
-# sizes build_model sets from the data: a run read back, or resumed, may differ from the sweep's
-# config in these alone.
-NOT_THE_RUN = {*(f"trainer_config.{key}" for key in (
-    "data_dir", "cache", "device", "compile", "cuda_graph", "log_every", "eval_batch_size", "loss_chunk_rows",
-    "tensorboard_dir", "model_dir")), "model_config.transformer_config.vocab_size", "model_config.num_users"}
-
-
 def read_grid(path: Optional[Path]) -> dict[str, list[str]]:
     """Variant name -> `--set` overrides, from a grid file (or just the config, as `base`)."""
     if path is None:
@@ -121,8 +113,9 @@ def run_settings(overrides: list[str], variant: str, seed: int, out: Path) -> tu
 def check_same_run(folder: Path, wanted: Config) -> None:
     """A run folder the sweep finds is read back or resumed only if it was trained as the sweep
     asks now: a grid or --set changed since gets a ConfigError, not the old run's numbers."""
+    declared = declared_keys()
     for key, (saved, value) in changed_settings(saved_config(load_checkpoint(folder / "last.pt")), wanted).items():
-        if key not in NOT_THE_RUN:
+        if declared[key].run:
             raise ConfigError(f"{folder} was trained with {key}={saved!r}, this sweep asks for {value!r}: "
                               f"move that folder away or give another --out")
 

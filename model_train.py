@@ -25,7 +25,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from checkpoint import check_same_data, load_checkpoint, resume_config, save_atomic
-from config import DEFAULT_CONFIG, Config, TrainerConfig, build_model, flat_settings, load_config, make_datasets
+from build import build_model, make_datasets
+from config import DEFAULT_CONFIG, Config, TrainerConfig, flat_settings, load_config
 from data import DatasetMetadata, MovieLensData
 from distributed import Group, exit_process, gather, on_main, start, stop, sum_over_processes, wait_for_all
 from errors import Interrupted, UserError, argument_parser, run_script
@@ -301,7 +302,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
                         "(use --set for the settings a resumed run may change)")
     if not args.resume:
         return train(load_config(args.config or DEFAULT_CONFIG, args.overrides))
-    config, changes = resume_config(load_checkpoint(args.resume / "last.pt"), args.overrides, "--set")
+    last = args.resume / "last.pt"
+    config, changes = resume_config(load_checkpoint(last), args.overrides, str(last))
     for change in changes:
         logger.info(f"resuming {args.resume} with {change}")
     return train(config, resume=args.resume)

@@ -27,40 +27,44 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from keys import at_least, key, names_from, one_of, probability, rule
 from kernels import attention, dropout, gelu, small_table_lookup
 
 
 MODES = ("window", "sequence")
+INITS = ("post", "normal")  # init_weights' forms
+MOVIE_FEATURES, USER_FEATURES = ("genres", "year"), ("age", "sex", "occupation")
 
 
 @dataclass
 class TransformerConfig:
-    vocab_size: int = 3885
-    context_window_size: int = 5
-    embedding_dimension: int = 32
-    num_layers: int = 4
-    num_heads: int = 4
-    embedding_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    residual_dropout: float = 0.1
-    mlp_ratio: int = 4
+    vocab_size: int = key(3885, run=False)  # set from the data set
+    context_window_size: int = key(5, at_least(1))
+    embedding_dimension: int = key(32, at_least(1))
+    num_layers: int = key(4, at_least(1))
+    num_heads: int = key(4, at_least(1))
+    embedding_dropout: float = key(0.1, probability)
+    attention_dropout: float = key(0.1, probability)
+    residual_dropout: float = key(0.1, probability)
+    mlp_ratio: int = key(4, at_least(1))
 
 
 @dataclass
 class MovieLensTransformerConfig:
     transformer_config: TransformerConfig = field(default_factory=TransformerConfig)
-    num_users: int = 6040
-    user_embedding_dimension: int = 32
-    interaction_mlp_hidden_sizes: list[int] = field(default_factory=lambda: [16])
-    mode: str = "window"                  # or "sequence"
-    tie_output_embeddings: bool = False   # output layer = movie embeddings (sequence mode)
-    init: str = "post"                    # "post": uniform +-0.1; "normal": N(0, 0.02)
-    position_bias: bool = False           # attention bias by query-key distance
-    time_bias: bool = False               # attention bias by query-key log time gap
-    query_time: bool = False              # the time bias reads the predicted rating's time
-    movie_features: list[str] = field(default_factory=list)  # of "genres", "year"
-    user_features: list[str] = field(default_factory=list)   # of "age", "sex", "occupation"
-    rating_input: bool = False            # each history movie's stars as an input
+    num_users: int = key(6040, run=False)  # set from the data set
+    user_embedding_dimension: int = key(32, at_least(0))
+    interaction_mlp_hidden_sizes: list[int] = key([16], rule(lambda v: all(h >= 1 for h in v),
+                                                              "a list of sizes of at least 1"))
+    mode: str = key("window", one_of(MODES))
+    tie_output_embeddings: bool = key(False)   # output layer = movie embeddings (sequence mode)
+    init: str = key("post", one_of(INITS))     # "post": uniform +-0.1; "normal": N(0, 0.02)
+    position_bias: bool = key(False)           # attention bias by query-key distance
+    time_bias: bool = key(False)               # attention bias by query-key log time gap
+    query_time: bool = key(False)              # the time bias reads the predicted rating's time
+    movie_features: list[str] = key([], names_from(MOVIE_FEATURES))
+    user_features: list[str] = key([], names_from(USER_FEATURES))
+    rating_input: bool = key(False)            # each history movie's stars as an input
 
     @property
     def time_use(self) -> str:
@@ -93,7 +97,6 @@ class RelativeBias(nn.Module):
         return sum(parts[1:], parts[0]).movedim(-1, -3)
 
 
-MOVIE_FEATURES, USER_FEATURES = ("genres", "year"), ("age", "sex", "occupation")
 STAR_STEPS = 11  # 0 (SOS) to 5 stars in half stars
 
 
@@ -310,7 +313,7 @@ class MovieLensTransformer(nn.Module):
         if config.mode == "window":
             width *= tc.context_window_size
         self.interaction_mlp = InteractionMLP(width, config.interaction_mlp_hidden_sizes, tc.vocab_size)
-        self.apply(INITS[config.init])
+        self.apply(init_weights if config.init == "post" else init_weights_normal)
         if config.tie_output_embeddings:  # config.check_values: the last hidden size is the embedding's
             self.interaction_mlp.net[-1].weight = self.transformer.token_embedding.weight
 
@@ -378,5 +381,3 @@ def init_weights_normal(module: nn.Module) -> None:
     """GPT-2's initialisation: weights N(0, 0.02), biases zero."""
     _init_weights(module, lambda w: nn.init.normal_(w, std=0.02))
 
-
-INITS = {"post": init_weights, "normal": init_weights_normal}

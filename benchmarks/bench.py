@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import Config, build_model, load_config, make_datasets, pick_device  # noqa: E402
+from build import build_model, make_datasets, pick_device  # noqa: E402
+from config import Config, load_config  # noqa: E402
 from errors import run_script  # noqa: E402
 from measure import peak_rss_of_this_process  # noqa: E402
 from data import MovieLensSequenceDataset, WindowBatch, load_movielens, tokenize  # noqa: E402

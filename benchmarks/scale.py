@@ -21,7 +21,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import load_config, make_datasets  # noqa: E402
+from build import make_datasets  # noqa: E402
+from config import load_config  # noqa: E402
 from data import load_movielens  # noqa: E402
 from errors import run_script  # noqa: E402
 from measure import peak_rss_of_this_process  # noqa: E402

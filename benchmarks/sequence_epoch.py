@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import build_model, load_config, make_datasets, pick_device  # noqa: E402
+from build import build_model, make_datasets, pick_device  # noqa: E402
+from config import load_config  # noqa: E402
 from errors import run_script  # noqa: E402
 from speed import speed_settings  # noqa: E402
 from training import ModelLoss, make_loss, make_optimizer, make_schedule, make_training_step  # noqa: E402

@@ -70,7 +70,7 @@ def validation_ndcg_against_most_rated(checkpoint: Path) -> tuple[float, float]:
     """Validation NDCG@10 of a checkpoint's model and of the most-rated baseline."""
     import ranking
     from checkpoint import load_checkpoint, model_from_checkpoint
-    from config import make_datasets
+    from build import make_datasets
 
     model, config, _ = model_from_checkpoint(load_checkpoint(checkpoint))
     validation = make_datasets(config)["validation"]

@@ -1,3 +1,4 @@
+import copy
 import csv
 import importlib
 import subprocess
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 import model_train
+from build import pick_device
 from checkpoint import load_checkpoint, model_from_checkpoint, save_atomic
-from config import DEFAULT_CONFIG, load_config, pick_device
-from errors import ConfigError
+from config import DEFAULT_CONFIG, load_config
+from errors import ConfigError, run_script
 from conftest import ROOT, SMALL_MODEL
 
 FAST = [*SMALL_MODEL, "trainer_config.log_every=5"]
@@ -118,22 +120,37 @@ def test_renamed_and_removed_keys_name_what_replaced_them(tmp_path):
         load_config(DEFAULT_CONFIG, ["trainer_config.compile_mode=default"])
 
 
-def test_checkpoint_of_an_earlier_version_still_loads_and_resumes(workdir, ml1m_dir):
-    """A checkpoint saved with the keys of earlier versions (window_size, compile_mode), and
-    without the keys added since (they take their defaults), loads for eval.py and recommend.py
-    and resumes: its config is upgraded, not refused."""
+def test_checkpoint_of_an_earlier_version(workdir, ml1m_dir, capsys):
+    """A checkpoint without the keys added since (they take their defaults) loads for eval.py and
+    recommend.py and resumes; one with a key this version renamed (window_size) or dropped
+    (compile_mode) gets one line from each script saying what to do, and is left as it was."""
     run = model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
                                 "trainer_config.compile=false", "trainer_config.run_name=old"))
     checkpoint = load_checkpoint(run / "last.pt")
     tc, mc = checkpoint["config"]["trainer_config"], checkpoint["config"]["model_config"]
-    tc["window_size"] = tc.pop("window_stride")
-    tc["compile_mode"] = "default"
     del tc["rating_weights"], mc["position_bias"], mc["movie_features"], checkpoint["metadata"]["user_features"]
     _, config, _ = model_from_checkpoint(checkpoint)
-    assert config.trainer_config.window_stride == 1 and config.model_config.movie_features == []
-    save_atomic(checkpoint, run / "last.pt")
+    assert config.trainer_config.rating_weights is None and config.model_config.movie_features == []
+    torch.save(checkpoint, run / "last.pt")
     model_train.main(["--resume", str(run), "--set", "trainer_config.num_epochs=2"])
     assert load_checkpoint(run / "last.pt")["state"]["epoch"] == 2
+
+    current = load_checkpoint(run / "last.pt")
+    for old, value in (("window_size", 1), ("compile_mode", "default")):
+        checkpoint = copy.deepcopy(current)
+        checkpoint["config"]["trainer_config"][old] = value
+        torch.save(checkpoint, run / "old.pt")
+        for main, argv in ((model_train.main, ["--resume", str(run)]),
+                           (importlib.import_module("eval").main, ["--checkpoint", str(run / "old.pt")]),
+                           (importlib.import_module("recommend").main, ["--checkpoint", str(run / "old.pt"),
+                                                                        "--user", "1"])):
+            if main is model_train.main:
+                torch.save(checkpoint, run / "last.pt")
+            capsys.readouterr()
+            assert run_script(main, argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"trainer_config.{old}" in err, err
+            assert "written by an earlier version of this repo" in err and "--set" not in err, err
 
 
 def test_default_config_is_the_posts_model():

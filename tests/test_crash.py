@@ -9,7 +9,7 @@ import torch
 
 import model_train
 from checkpoint import load_checkpoint, model_from_checkpoint
-from config import make_datasets
+from build import make_datasets
 from conftest import ROOT
 from errors import run_script
 from ranking import evaluate, model_scorer

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from config import make_datasets
+from build import make_datasets
 from conftest import ROOT, write_ml1m
 from ranking import evaluate, model_scorer
 

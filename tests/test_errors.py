@@ -16,7 +16,8 @@ import eval as evaluation
 import experiments
 import model_train
 import recommend
-from config import DEFAULT_CONFIG, load_config, make_datasets
+from build import make_datasets
+from config import DEFAULT_CONFIG, load_config
 from conftest import ROOT, write_ml1m
 from errors import ConfigError, run_script
 

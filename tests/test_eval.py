@@ -8,7 +8,8 @@ from sklearn.metrics import ndcg_score
 import data
 import releases
 import ranking as evaluation
-from config import build_model, load_config
+from build import build_model
+from config import load_config
 
 
 def test_ranks_exclude_and_break_ties_by_token():

@@ -9,7 +9,8 @@ import data
 import eval as evaluation
 import model_train
 import synthetic
-from config import DEFAULT_CONFIG, build_model, load_config
+from build import build_model
+from config import DEFAULT_CONFIG, load_config
 from errors import ConfigError
 from training import full_softmax_loss, sampled_softmax_loss, weight_by_stars
 

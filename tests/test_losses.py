@@ -90,7 +90,8 @@ def shipped_config_losses(path, data_dir, overrides=(), steps: int = 2) -> list[
     """The first training losses of a config, eager and in float32, seeded as model_train seeds them."""
     import speed
     import training
-    from config import build_model, load_config, make_datasets
+    from build import build_model, make_datasets
+    from config import load_config
 
     config = load_config(path, [f"trainer_config.data_dir={data_dir}", "trainer_config.cache=false", *overrides])
     tc, cpu = config.trainer_config, torch.device("cpu")

@@ -8,7 +8,8 @@ import eval as evaluation
 import model_train
 import recommend
 from checkpoint import load_checkpoint, model_from_checkpoint
-from config import load_config, make_datasets
+from build import make_datasets
+from config import load_config
 from conftest import ROOT, SMALL_MODEL
 
 

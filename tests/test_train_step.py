@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import speed
-from config import TrainerConfig, build_model, load_config
+from build import build_model
+from config import TrainerConfig, load_config
 from data import MovieLensSequenceDataset, HistoryChunks, load_movielens
 from kernels import dropout
 from training import (ModelLoss, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
