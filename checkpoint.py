@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, read without running code, turned back into model and data.
+"""Checkpoints: read without running code, turned back into model, config and data (run.Run writes them).
 
 A checkpoint is a dict: `model`, `optimizer`, `schedule` state dicts, `state` (epoch, best
 validation NDCG@10, evaluations without improvement), `config` (the resolved config as a dict),
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -17,20 +17,8 @@ from build import build_model
 from config import Config, apply_overrides, changed_settings, config_from_dict, declared_keys
 from data import DatasetMetadata, MovieLensData, load_movielens
 from errors import CheckpointError, ConfigError
-from files import atomic_write
 from movielens_transformer import MovieLensTransformer
 from releases import ensure_movielens
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside path, then rename over it: path holds either the
-    old or the new checkpoint, never part of one. A full disk or read-only folder is a UserError.
-    torch.save writes to an open file: given a path, its own writer reports a full disk as a
-    RuntimeError ("unexpected pos") rather than as the OSError it is."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -88,20 +76,6 @@ def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Confi
     except RuntimeError as e:
         raise CheckpointError(f"the checkpoint's weights do not fit its config: {str(e).splitlines()[0]}") from None
     return model.eval(), config, metadata
-
-
-def metrics_report(checkpoint_path: Path, subset: str = "test", exclude: str = "history",
-                   ks: tuple[int, ...] = (10,)) -> Path:
-    """Where eval.py writes a checkpoint's metrics: beside it, named by subset, exclusion and K, so
-    that a call with other targets, exclusion or K never replaces another's."""
-    return Path(checkpoint_path).parent / f"eval_{subset}_{exclude}_k{'-'.join(map(str, ks))}.json"
-
-
-def inputs_of(checkpoint_path: Path, config: Config, data_dir: Optional[str] = None) -> list[Path]:
-    """What a script reading this checkpoint must never write over: the run's files and the data."""
-    run = Path(checkpoint_path).parent
-    return [Path(checkpoint_path), run / "best.pt", run / "last.pt", run / "config.yaml",
-            Path(data_dir or config.trainer_config.data_dir)]
 
 
 def data_for_checkpoint(config: Config, metadata: DatasetMetadata, data_dir: Optional[str] = None) -> MovieLensData:

@@ -113,20 +113,20 @@ def check_keys(raw: dict, cls: type, origins: Origins, prefix: str = "") -> None
         raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys, got {raw!r} "
                           f"(from {origins(prefix.rstrip('.'))})")
     fields = typing.get_type_hints(cls)
-    for key, value in raw.items():
-        name = f"{prefix}{key}"
+    for part, value in raw.items():
+        name = f"{prefix}{part}"
         if name in RENAMED:
             raise ConfigError(f"{name} is now called {RENAMED[name]} (from {origins(name)}); "
                               f"{origins.old_key_remedy or 'rename it'}")
         if name in REMOVED:
             raise ConfigError(f"{name} is no longer a setting (from {origins(name)}): {REMOVED[name]}; "
                               f"{origins.old_key_remedy or 'remove it'}")
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
+        if part not in fields:
+            close = difflib.get_close_matches(str(part), fields, n=1)
             hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key {name} (from {origins(name)}); {hint}")
-        if dataclasses.is_dataclass(fields[key]) and value is not None:
-            check_keys(value, fields[key], origins, f"{name}.")
+        if dataclasses.is_dataclass(fields[part]) and value is not None:
+            check_keys(value, fields[part], origins, f"{name}.")
 
 
 def config_from_dict(raw: dict, origins: Origins) -> Config:
@@ -217,12 +217,12 @@ def check_combinations(config: Config, origins: Origins) -> None:
 def flat_settings(tree: dict, prefix: str = "", plain: bool = True) -> dict[str, object]:
     """A nested config as {"a.b.c": value}; plain: in the types TensorBoard's HParams view takes."""
     flat = {}
-    for key, value in tree.items():
+    for part, value in tree.items():
         if isinstance(value, dict):
-            flat.update(flat_settings(value, f"{prefix}{key}.", plain))
+            flat.update(flat_settings(value, f"{prefix}{part}.", plain))
         else:
             keep = not plain or isinstance(value, (int, float, str, bool))
-            flat[f"{prefix}{key}"] = value if keep else str(value)
+            flat[f"{prefix}{part}"] = value if keep else str(value)
     return flat
 
 

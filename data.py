@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch
 from loguru import logger
 from torch.utils.data import Dataset
 
+from errors import UserError
+from files import atomic_write, torch_save
 from releases import FORMATS, detect_format, read_movielens
 
 SPLITS = ("leave_one_out", "random_windows")
@@ -262,16 +263,11 @@ def load_movielens(data_dir: str | Path, cache: bool = True) -> MovieLensData:
             logger.warning(f"ignoring unreadable cache {path}: {e}")
     data = tokenize(*read_movielens(data_dir))
     if cache:
-        tmp = path.with_name(f"{CACHE_NAME}.{os.getpid()}.tmp")
+        saved = {"key": key, "metadata": data.metadata.to_dict(), "tensors": list(data.tensors)}
         try:
-            torch.save({"key": key, "metadata": data.metadata.to_dict(),
-                        "tensors": list(data.tensors)}, tmp)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-            logger.warning(f"could not write the cache {path} ({str(e).splitlines()[0]}); training goes on "
-                           "without it (trainer_config.cache: false turns it off)")
-        finally:
-            tmp.unlink(missing_ok=True)
+            atomic_write(path, lambda tmp: torch_save(saved, tmp))
+        except UserError as e:
+            logger.warning(f"{e}; training goes on without the cache (trainer_config.cache: false turns it off)")
     return data
 
 

@@ -41,12 +41,13 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from tbparse import SummaryReader
 
-from checkpoint import load_checkpoint, metrics_report, saved_config
+from checkpoint import load_checkpoint, saved_config
 from config import DEFAULT_CONFIG, Config, changed_settings, declared_keys, load_config, parse_yaml
 from errors import ConfigError, Interrupted, UserError, argument_parser, run_script
 from files import atomic_write
+from ranking import markdown_table, signed
+from run import EPOCH_SECONDS, Run, validation_tag
 
 ROOT = Path(__file__).resolve().parent
 COLUMNS = ["variant", "time", "seed", "best_epoch", "validation_ndcg@10", "validation_hr@10", "test_ndcg@10", "test_hr@10",
@@ -80,7 +81,7 @@ def check_variants(parser: argparse.ArgumentParser, option: str, names: list[str
                      f"(its variants: {', '.join(grid)})")
 
 
-def run(command: list[str], what: str) -> None:
+def run_child(command: list[str], what: str) -> None:
     """Run a repo script as a process that writes to this one's terminal (its log and progress
     bars show as they come). It runs in a session of its own, so that Ctrl-C, `kill -INT` and
     `kill -TERM` all reach the sweep alone, which hands the run one SIGTERM (a sweep started in
@@ -102,63 +103,62 @@ def run(command: list[str], what: str) -> None:
         raise UserError(f"{what} failed (exit status {code}; the lines above say why)")
 
 
-def run_settings(overrides: list[str], variant: str, seed: int, out: Path) -> tuple[str, Path, list[str]]:
-    """A run's name, its folder and the `--set` overrides that make it."""
+def run_settings(overrides: list[str], variant: str, seed: int, out: Path) -> tuple[Run, list[str]]:
+    """A run of the sweep and the `--set` overrides that make it."""
     name = f"{variant}-seed{seed}"
     sets = [*overrides, f"trainer_config.seed={seed}", f"trainer_config.run_name={name}",
             f"trainer_config.model_dir={out / 'models'}", f"trainer_config.tensorboard_dir={out / 'runs'}"]
-    return name, out / "models" / name, sets
+    return Run(out / "models" / name, out / "runs" / name), sets
 
 
-def check_same_run(folder: Path, wanted: Config) -> None:
+def check_same_run(run: Run, wanted: Config) -> None:
     """A run folder the sweep finds is read back or resumed only if it was trained as the sweep
     asks now: a grid or --set changed since gets a ConfigError, not the old run's numbers."""
     declared = declared_keys()
-    for key, (saved, value) in changed_settings(saved_config(load_checkpoint(folder / "last.pt")), wanted).items():
+    for key, (saved, value) in changed_settings(saved_config(load_checkpoint(run.last)), wanted).items():
         if declared[key].run:
-            raise ConfigError(f"{folder} was trained with {key}={saved!r}, this sweep asks for {value!r}: "
+            raise ConfigError(f"{run.folder} was trained with {key}={saved!r}, this sweep asks for {value!r}: "
                               f"move that folder away or give another --out")
 
 
-def training_command(config: Path, folder: Path, sets: list[str]) -> Optional[list[str]]:
-    """The model_train.py arguments that train the run in folder (run_settings), or resume it
-    where it stopped; None for a finished run (curves.png is a finished run's last file)."""
-    if (folder / "curves.png").exists():
-        return None
-    if (folder / "last.pt").exists():
-        return ["model_train.py", "--resume", str(folder)]
+def training_command(config: Path, run: Run, sets: list[str]) -> Optional[list[str]]:
+    """The model_train.py arguments that train a run of the sweep (run_settings), or resume it
+    where it stopped; None for a complete run."""
+    if run.last.exists():
+        return None if run.complete() else ["model_train.py", "--resume", str(run.folder)]
     return ["model_train.py", "--config", str(config), *(a for s in sets for a in ("--set", s))]
 
 
 def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Path) -> dict:
     """Train one variant at one seed (unless it finished before), evaluate its best.pt once."""
-    name, folder, sets = run_settings(overrides, variant, seed, out)
-    command = training_command(config, folder, sets)
+    run, sets = run_settings(overrides, variant, seed, out)
+    command = training_command(config, run, sets)
     if command is not None:
-        run(command, f"training {name}")
-    test = report_of(folder, "test")
-    checkpoint = load_checkpoint(folder / "best.pt")
+        run_child(command, f"training {run.name}")
+    test = report_of(run, "test")
+    checkpoint = load_checkpoint(run.best)
     best = checkpoint["state"]
-    scalars = SummaryReader(str(out / "runs" / name)).scalars
-    at_best = scalars[(scalars.step == best["epoch"]) & (scalars.tag == "metrics/validation/hr@10")].value
-    return {"variant": variant, "time": saved_config(checkpoint).model_config.time_use, "seed": seed, "best_epoch": best["epoch"], "validation_ndcg@10": best["best_ndcg"],
+    scalars = run.scalars()
+    at_best = scalars[(scalars.step == best["epoch"]) & (scalars.tag == validation_tag("hr@10"))].value
+    model, baseline = test["results"]["model"], test["results"]["most-rated"]
+    return {"variant": variant, "time": saved_config(checkpoint).model_config.time_use, "seed": seed,
+            "best_epoch": best["epoch"], "validation_ndcg@10": best["best_ndcg"],
             "validation_hr@10": float(at_best.iloc[-1]) if len(at_best) else float("nan"),
-            "test_ndcg@10": test["results"]["model"]["ndcg@10"], "test_hr@10": test["results"]["model"]["hr@10"],
-            "test_mrr": test["results"]["model"]["mrr"], "test_ndcg@10_low": test["intervals"]["model"]["ndcg@10"][0],
+            "test_ndcg@10": model["ndcg@10"], "test_hr@10": model["hr@10"], "test_mrr": model["mrr"],
+            "test_ndcg@10_low": test["intervals"]["model"]["ndcg@10"][0],
             "test_ndcg@10_high": test["intervals"]["model"]["ndcg@10"][1],
-            "minutes": scalars[scalars.tag == "time/epoch_s"].value.sum() / 60,
-            **{f"most_rated_{metric}": test["results"]["most-rated"][metric.removeprefix("test_")]
-               for metric in ("test_ndcg@10", "test_hr@10", "test_mrr")}}
+            "minutes": scalars[scalars.tag == EPOCH_SECONDS].value.sum() / 60,
+            **{f"most_rated_test_{metric}": baseline[metric] for metric in ("ndcg@10", "hr@10", "mrr")}}
 
 
-def report_of(folder: Path, subset: str, against: Optional[Path] = None) -> dict:
+def report_of(run: Run, subset: str, against: Optional[Path] = None) -> dict:
     """eval.py's report of a run's best.pt on a subset (with `against`, an eval_*.json report of
     another run on the same targets: the paired difference to it), made unless it exists already."""
-    report = metrics_report(folder / "best.pt", subset)
+    report = run.report(subset)
     wanted = str(against) if against else None
     if not report.exists() or (against and json.loads(report.read_text()).get("against") != wanted):
-        run(["eval.py", "--checkpoint", str(folder / "best.pt"), "--subset", subset, "--k", "10",
-             *(["--against", wanted] if against else [])], f"evaluating {folder.name} on {subset}")
+        run_child(["eval.py", "--checkpoint", str(run.best), "--subset", subset, "--k", "10",
+                   *(["--against", wanted] if against else [])], f"evaluating {run.name} on {subset}")
     return json.loads(report.read_text())
 
 
@@ -166,17 +166,13 @@ def paired_table(out: Path, grid: dict, seeds: int, base: str) -> str:
     """Per variant and seed, its paired NDCG@10 difference to the base variant of the same seed, on
     validation and test (the mean over seeds says little where the seeds disagree)."""
     subsets = ("validation", "test")
+    runs = {(variant, seed): run_settings([], variant, seed, out)[0] for variant in grid for seed in range(1, seeds + 1)}
     for seed, subset in ((seed, subset) for seed in range(1, seeds + 1) for subset in subsets):
-        report_of(out / "models" / f"{base}-seed{seed}", subset)  # what the variants are paired against
-    lines = [f"| variant | seed | validation NDCG@10 - {base} | test NDCG@10 - {base} |", "|---|---|---|---|"]
-    for variant in (v for v in grid if v != base):
-        for seed in range(1, seeds + 1):
-            folder, base_folder = (out / "models" / f"{v}-seed{seed}" for v in (variant, base))
-            cells = [report_of(folder, subset, metrics_report(base_folder / "best.pt", subset))["paired_difference"]
-                     ["ndcg@10"] for subset in subsets]
-            lines.append(f"| {variant} | {seed} | " + " | ".join(
-                f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], p {c['p_value']:.3f}" for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        report_of(runs[base, seed], subset)  # what the variants are paired against
+    rows = [[variant, seed, *(signed(report_of(runs[variant, seed], subset, runs[base, seed].report(subset))
+                                     ["paired_difference"]["ndcg@10"]) for subset in subsets)]
+            for variant in grid if variant != base for seed in range(1, seeds + 1)]
+    return markdown_table(["variant", "seed", f"validation NDCG@10 - {base}", f"test NDCG@10 - {base}"], rows) + "\n"
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
@@ -195,21 +191,16 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 def markdown(rows: list[dict], summary: list[dict]) -> str:
     """The summary (mean ± std per variant, then the most-rated baseline on the same test targets)
     and a row per run, with readable headers."""
-    header = ["variant", "time", "runs", *(NAMES[m] for m in SUMMARY)]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    lines += [f"| {s['variant']} | {s['time']} | {s['runs']} | "
-              + " | ".join(f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in SUMMARY) + " |" for s in summary]
+    table = [[s["variant"], s["time"], s["runs"], *(f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in SUMMARY)] for s in summary]
     baselines = {tuple(r[f"most_rated_{m}"] for m in SUMMARY[1:]): r["variant"] for r in rows}
     for values, variant in baselines.items():  # one row, unless variants differ in data or split
         name = YARDSTICK if len(baselines) == 1 else f"{YARDSTICK}, {variant}'s data"
-        lines.append(f"| {name} | none | | | " + " | ".join(f"{v:.4f}" for v in values) + " |")
-    runs = ["variant", "time", "seed", *(NAMES[c] for c in COLUMNS[3:9]), "test NDCG@10 95% interval", "minutes"]
-    lines += ["", "| " + " | ".join(runs) + " |", "|---" * len(runs) + "|"]
-    for r in rows:
-        cells = [r["variant"], r["time"], r["seed"], r["best_epoch"], *(f"{r[c]:.4f}" for c in COLUMNS[4:9]),
-                 f"[{r['test_ndcg@10_low']:.4f}, {r['test_ndcg@10_high']:.4f}]", f"{r['minutes']:.1f}"]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines) + "\n"
+        table.append([name, "none", "", "", *(f"{v:.4f}" for v in values)])
+    runs = [[r["variant"], r["time"], r["seed"], r["best_epoch"], *(f"{r[c]:.4f}" for c in COLUMNS[4:9]),
+             f"[{r['test_ndcg@10_low']:.4f}, {r['test_ndcg@10_high']:.4f}]", f"{r['minutes']:.1f}"] for r in rows]
+    return (markdown_table(["variant", "time", "runs", *(NAMES[m] for m in SUMMARY)], table) + "\n\n"
+            + markdown_table(["variant", "time", "seed", *(NAMES[c] for c in COLUMNS[3:9]), "test NDCG@10 95% interval",
+                              "minutes"], runs) + "\n")
 
 
 def write_tables(out: Path, rows: list[dict]) -> None:
@@ -254,10 +245,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             for seed in range(1, args.seeds + 1)]
     commands = []
     for variant, seed, overrides in runs:  # every run already there checked before anything is written
-        _, folder, sets = run_settings(overrides, variant, seed, out)
-        if (folder / "last.pt").exists():
-            check_same_run(folder, load_config(args.config.resolve(), sets))
-        commands.append(training_command(args.config.resolve(), folder, sets))
+        run, sets = run_settings(overrides, variant, seed, out)
+        if run.last.exists():
+            check_same_run(run, load_config(args.config.resolve(), sets))
+        commands.append(training_command(args.config.resolve(), run, sets))
     if args.commands:  # the runs left, for the caller to start where it likes
         for command in filter(None, commands):
             print(shlex.join([sys.executable, str(ROOT / command[0]), *command[1:]]), flush=True)

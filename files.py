@@ -5,7 +5,9 @@ import errno
 import fcntl
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import BinaryIO, Callable, Iterable, Optional
+
+import torch
 
 from errors import UserError
 
@@ -33,9 +35,11 @@ def refuse_to_overwrite(output: Optional[Path], option: str, inputs: Iterable[Pa
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """write(tmp) to a temporary file beside path, then rename it over path, so that path holds
-    the old content or the new, never part of it. A failed write leaves no temporary behind."""
+    the old content or the new, never part of it. The temporary is named by the process, so that
+    two processes writing one file (torchrun's ranks, the data cache) never share it; a failed
+    write leaves none behind. A full disk or read-only folder is a UserError."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -45,6 +49,37 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def torch_save(obj: object, path: Path) -> None:
+    """torch.save, with a failed write reported as the OSError it is: torch's file writer turns
+    the error of a write that fails half-way (a disk that fills) into a RuntimeError ("unexpected
+    pos"), so every write goes through a file that keeps the first error to raise it instead."""
+    with open(path, "wb") as f:
+        writes = KeptErrors(f)
+        try:
+            torch.save(obj, writes)
+        except RuntimeError:
+            if writes.error is None:
+                raise
+            raise writes.error from None
+
+
+class KeptErrors:
+    """A binary file's write that keeps the first OSError it raises."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def take_lock(path: Path, what: str) -> Callable[[], None]:

@@ -11,29 +11,29 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-import yaml
 from loguru import logger
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from checkpoint import check_same_data, load_checkpoint, resume_config, save_atomic
 from build import build_model, make_datasets
+from checkpoint import check_same_data, load_checkpoint, resume_config
 from config import DEFAULT_CONFIG, Config, TrainerConfig, flat_settings, load_config
-from data import DatasetMetadata, MovieLensData
+from data import DatasetMetadata, MovieLensData, MovieLensSequenceDataset
 from distributed import Group, exit_process, gather, on_main, start, stop, sum_over_processes, wait_for_all
 from errors import Interrupted, UserError, argument_parser, run_script
-from files import atomic_write, take_lock, write_error
+from files import write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
-from speed import Step, speed_settings
+from run import (EPOCH_SECONDS, LEARNING_RATE, PEAK_GPU_MB, STEP_LOSS, THROUGHPUT, TRAIN_LOSS, VALIDATION_LOSS,
+                 VALIDATION_NDCG, Run, finished, last_checkpoint, validation_tag)
+from speed import Speed, Step, speed_settings
 from training import make_loss, make_optimizer, make_schedule, make_training_step, resume_optimizer, seed_epoch
 
 
@@ -58,7 +58,7 @@ def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Gene
                 raise diverged(epoch, int(diverged_at), tc)
             if writer:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-                writer.add_scalar("loss/train_step", loss.item(), step)
+                writer.add_scalar(STEP_LOSS, loss.item(), step)
     total, n = sum_over_processes(group, total, targets)
     if not math.isfinite(total):  # summed over the processes: a loss that diverged on any of them
         raise diverged(epoch, int(diverged_at), tc)
@@ -82,50 +82,12 @@ def validate(scorer: Scorer, shard, tc: TrainerConfig, compiled: bool, group: Gr
     for batch in shard.batches(tc.eval_batch_size):
         total += F.cross_entropy(scorer(batch), batch.target_tokens, reduction="sum")
     total, n = sum_over_processes(group, total, len(shard))
-    result = {"loss/validation": total / max(n, 1)}
+    result = {VALIDATION_LOSS: total / max(n, 1)}
     if with_metrics:
         ranks, _ = rank_all(scorer, shard, batch_size=tc.eval_batch_size, compiled=compiled)
         metrics = metrics_from_ranks(gather(group, ranks), ks=(10,))
-        result.update({f"metrics/validation/{k}": metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
+        result.update({validation_tag(k): metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
     return result
-
-
-def open_run(tc: TrainerConfig, resume: Optional[Path]) -> tuple[Path, Path]:
-    """The run's model folder and TensorBoard folder. A new run creates both and refuses names
-    already taken; a resumed run drops the temporaries a crash may have left."""
-    if resume:
-        for stale in resume.glob(".*.tmp"):
-            stale.unlink()
-        return resume, Path(tc.tensorboard_dir) / resume.name
-    run, log_dir = Path(tc.model_dir) / tc.run_name, Path(tc.tensorboard_dir) / tc.run_name
-    if run.is_dir() and {p.name for p in run.iterdir() if not p.name.endswith(".tmp")} <= {"config.yaml", "best.pt"}:
-        logger.warning(f"{run} holds a run that was killed before it saved an epoch: starting it afresh")
-        remove_folders(run, log_dir)
-    for folder, key in ((run, "model_dir"), (log_dir, "tensorboard_dir")):
-        if folder.exists():
-            raise UserError(f"{folder} already exists (trainer_config.{key} / run_name); choose another "
-                            f"trainer_config.run_name, or continue that run with --resume {run}")
-    for folder in (run, log_dir):
-        try:
-            folder.mkdir(parents=True)
-        except OSError as e:
-            remove_folders(run, log_dir)
-            raise write_error(folder, e, "choose writable trainer_config.model_dir and tensorboard_dir") from None
-    return run, log_dir
-
-
-def lock_run(tc: TrainerConfig, resume: Optional[Path]) -> Callable[[], None]:
-    """Hold the run's lock file (beside its folder) while it trains, so that no second process
-    starts, resumes or removes a run a live one trains; returns its release. A new run without a
-    run_name is named here, by the time."""
-    if not resume:
-        tc.run_name = tc.run_name or time.strftime("%Y%m%d-%H%M%S")
-    run = resume or Path(tc.model_dir) / tc.run_name
-    try:
-        run.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(run.parent, e, "choose a writable trainer_config.model_dir") from None
-    return take_lock(run.parent / f".{run.name}.lock", f"the run {run}")
 
 
 def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLensData] = None) -> Path:
@@ -135,10 +97,12 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
     group, device = start(tc.device)
     releases: list[Callable[[], None]] = []
     try:
-        on_main(group, lambda: releases.append(lock_run(tc, resume)))
-        run = train_on(config, group, device, resume, data)
+        run = on_main(group, lambda: Run.for_training(tc, resume))
+        tc.run_name = run.name
+        on_main(group, lambda: releases.append(run.lock()))
+        train_on(config, group, device, run, resume is not None, data)
         wait_for_all(group)
-        return run
+        return run.folder
     except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, a RuntimeError from the CPU's allocator
         if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
             size = re.search(r"allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", str(e), re.IGNORECASE)
@@ -146,7 +110,7 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
             raise UserError(f"out of memory on {device}{asked}; lower trainer_config.batch_size ({tc.batch_size}) "
                             f"or eval_batch_size ({tc.eval_batch_size}), or the model's sizes") from None
         raise
-    except OSError as e:  # a write the checkpoints' own checks do not see: TensorBoard's event files, curves.png
+    except OSError as e:  # a write the checkpoints' own checks do not see: TensorBoard's event files
         raise write_error(Path(e.filename or Path(tc.tensorboard_dir) / str(tc.run_name)), e) from None
     finally:
         for release in releases:
@@ -154,102 +118,140 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
         stop(group)
 
 
-def train_on(config: Config, group: Group, device: torch.device, resume: Optional[Path],
-             data: Optional[MovieLensData]) -> Path:
-    """One process's part of the run: all of it without torchrun."""
+class Trainer(NamedTuple):
+    """What one process trains with, built from the config."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    step: Step                # one training step, at the speed settings
+    scorer: Scorer            # validation's scores
+    speed: Speed
+    train_set: object         # data.MovieLensSequenceDataset or data.HistoryChunks
+    validation: MovieLensSequenceDataset  # this process's share of the validation targets
+    validation_targets: int                # all processes' together
+    metadata: DatasetMetadata
+    generator: torch.Generator  # the shuffle's random numbers, saved in every checkpoint
+
+
+def build_trainer(config: Config, group: Group, device: torch.device, data: Optional[MovieLensData]) -> Trainer:
+    """Data sets, speed settings, model, optimizer, schedule and training step for this process."""
     tc = config.trainer_config
     torch.manual_seed(tc.seed)  # the weights' initialisation; rank 0's reach every process
-    if not group.is_main:
-        logger.remove()  # rank 0 alone logs
     datasets = make_datasets(config, data)
-    metadata = datasets["train"].metadata
     train_set = datasets["train"].to(device)
-    val_shard = datasets["validation"].to(device).shard(group.rank, group.world)
+    validation = datasets["validation"].to(device).shard(group.rank, group.world)
     speed = speed_settings(tc, device, train_set.batch_shapes, group.is_distributed)
-    model = build_model(config, metadata).to(device)
+    model = build_model(config, train_set.metadata).to(device)
     optimizer = make_optimizer(model, tc, device, capturable=speed.cuda_graph)
     schedule = make_schedule(optimizer, tc, train_set.num_batches(tc.batch_size, group.world))
-    step_fn = make_training_step(model, make_loss(tc, train_set), optimizer, schedule, tc, speed, device,
-                                 group.is_distributed)
-    scorer = model_scorer(model, compiled=speed.compile)
-    generator = torch.Generator().manual_seed(tc.seed)
-    state = {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
-    if resume:
-        checkpoint = load_checkpoint(resume / "last.pt")
-        check_same_data(DatasetMetadata.from_dict(checkpoint["metadata"]), metadata, str(resume / "last.pt"),
-                        tc.data_dir)
-        model.load_state_dict(checkpoint["model"])
-        resume_optimizer(optimizer, schedule, checkpoint, tc)
-        generator.set_state(checkpoint["generator"])
-        state = checkpoint["state"]
-        if done := finished(state, tc):
-            logger.info(f"{resume} {done}: nothing to train")
-            return resume
-    run, log_dir = on_main(group, lambda: open_run(tc, resume))
-    tc.run_name = run.name
-    writer = None
+    step = make_training_step(model, make_loss(tc, train_set), optimizer, schedule, tc, speed, device,
+                              group.is_distributed)
+    return Trainer(model, optimizer, schedule, step, model_scorer(model, compiled=speed.compile), speed, train_set,
+                   validation, len(datasets["validation"]), train_set.metadata, torch.Generator().manual_seed(tc.seed))
+
+
+def resume_from(trainer: Trainer, run: Run, tc: TrainerConfig) -> dict:
+    """Load the run's last checkpoint into the trainer; its state (epoch, best NDCG@10, stale evaluations)."""
+    checkpoint = load_checkpoint(run.last)
+    check_same_data(DatasetMetadata.from_dict(checkpoint["metadata"]), trainer.metadata, str(run.last), tc.data_dir)
+    trainer.model.load_state_dict(checkpoint["model"])
+    resume_optimizer(trainer.optimizer, trainer.schedule, checkpoint, tc)
+    trainer.generator.set_state(checkpoint["generator"])
+    return checkpoint["state"]
+
+
+def train_on(config: Config, group: Group, device: torch.device, run: Run, resume: bool,
+             data: Optional[MovieLensData]) -> None:
+    """One process's part of the run (all of it without torchrun): build, resume, open the run,
+    train its epochs, write its end."""
+    tc = config.trainer_config
+    if not group.is_main:
+        logger.remove()  # rank 0 alone logs
+    trainer = build_trainer(config, group, device, data)
+    state = resume_from(trainer, run, tc) if resume else {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
+    if resume and (done := finished(state, tc)):
+        logger.info(f"{run.folder} {done}: nothing to train")
+        if group.is_main and not run.curves.exists():  # killed after its last checkpoint
+            write_end(run, config, state)
+        return
+    on_main(group, lambda: run.open(resume))
+    writer = run.writer() if group.is_main else None
     try:
-        if group.is_main:
-            atomic_write(run / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False)))
-            writer = SummaryWriter(str(log_dir))
-        logger.info(f"run {tc.run_name} on {device} x {group.world} ({speed}): {len(train_set):,} training targets, "
-                    f"{len(datasets['validation']):,} validation targets, "
-                    f"{sum(p.numel() for p in model.parameters()):,} parameters")
-        if speed.compile:
-            logger.info(COMPILING)
-        first_epoch = state["epoch"] + 1
-        for epoch in range(first_epoch, tc.num_epochs + 1):
-            started = time.perf_counter()
-            model.train()
-            seed_epoch(tc.seed, epoch, group.rank)
-            train_loss, samples_per_s = train_epoch(step_fn, train_set, tc, generator, writer, epoch,
-                                                    schedule.last_epoch, group)
-            model.eval()
-            evaluated = epoch % tc.eval_every == 0 or epoch == tc.num_epochs
-            scalars = {"loss/train": train_loss, **validate(scorer, val_shard, tc, speed.compile, group, evaluated),
-                       "lr": float(optimizer.param_groups[0]["lr"]), "throughput/samples_per_s": samples_per_s,
-                       "time/epoch_s": time.perf_counter() - started}
-            if device.type == "cuda":
-                scalars["memory/peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            improved = evaluated and scalars["metrics/validation/ndcg@10"] > state["best_ndcg"]
-            if evaluated:
-                state["best_ndcg"] = max(state["best_ndcg"], scalars["metrics/validation/ndcg@10"])
-                state["stale"] = 0 if improved else state["stale"] + 1
-            logger.info(f"epoch {epoch}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()))
-            if epoch == first_epoch + speed.compile and epoch < tc.num_epochs:  # compiled: the first after compiling
-                logger.info(pace(scalars["time/epoch_s"], tc.num_epochs - epoch, tc))
-            state["epoch"] = epoch
-            if group.is_main:
-                for key, value in scalars.items():
-                    writer.add_scalar(key, value, epoch)
-                writer.flush()
-                checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "schedule": schedule.state_dict(), "state": dict(state), "config": asdict(config),
-                              "metadata": metadata.to_dict(), "generator": generator.get_state()}
-                if improved:  # best.pt first: a crash between the two writes only repeats this epoch
-                    save_atomic(checkpoint, run / "best.pt")
-                save_atomic(checkpoint, run / "last.pt")
-            if tc.patience is not None and state["stale"] >= tc.patience:
-                logger.info(f"no better validation NDCG@10 for {tc.patience} evaluations: stopping")
-                break
-        if group.is_main:  # TensorBoard's HParams view: this run's settings beside its result
-            writer.add_hparams(flat_settings(asdict(config)), {"hparam/best_validation_ndcg@10": state["best_ndcg"]},
-                               run_name=".")
+        if writer:
+            run.write_config(asdict(config))
+        logger.info(f"run {run.name} on {device} x {group.world} ({trainer.speed}): {len(trainer.train_set):,} training "
+                    f"targets, {trainer.validation_targets:,} validation targets, "
+                    f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters")
+        train_epochs(trainer, config, group, run, state, writer)
     except KeyboardInterrupt:
-        kept = remove_if_unsaved(run, log_dir, state["epoch"]) if group.is_main else ""
+        kept = run.remove_if_unsaved(state["epoch"]) if group.is_main else ""
         raise Interrupted(f"the run stopped during epoch {state['epoch'] + 1}, whose progress is discarded; "
                           f"{kept}") from None
     except BaseException:
         if group.is_main:
-            remove_if_unsaved(run, log_dir, state["epoch"])
+            run.remove_if_unsaved(state["epoch"])
         raise
     finally:
         if writer:
             writer.close()
     if group.is_main:
-        plot_training_curves(log_dir, run / "curves.png")
-    logger.info(f"best validation NDCG@10 {state['best_ndcg']:.4f}; checkpoints in {run}")
-    return run
+        write_end(run, config, state)
+    logger.info(f"best validation NDCG@10 {state['best_ndcg']:.4f}; checkpoints in {run.folder}")
+
+
+def train_epochs(trainer: Trainer, config: Config, group: Group, run: Run, state: dict,
+                 writer: Optional[SummaryWriter]) -> None:
+    """The epochs left: train, validate, log, checkpoint, until num_epochs or patience ends them.
+    state is updated in place, so that an interrupted run knows the last epoch saved."""
+    tc = config.trainer_config
+    if trainer.speed.compile:
+        logger.info(COMPILING)
+    first_epoch = state["epoch"] + 1
+    for epoch in range(first_epoch, tc.num_epochs + 1):
+        started = time.perf_counter()
+        trainer.model.train()
+        seed_epoch(tc.seed, epoch, group.rank)
+        train_loss, samples_per_s = train_epoch(trainer.step, trainer.train_set, tc, trainer.generator, writer, epoch,
+                                                trainer.schedule.last_epoch, group)
+        trainer.model.eval()
+        evaluated = epoch % tc.eval_every == 0 or epoch == tc.num_epochs
+        scalars = {TRAIN_LOSS: train_loss,
+                   **validate(trainer.scorer, trainer.validation, tc, trainer.speed.compile, group, evaluated),
+                   LEARNING_RATE: float(trainer.optimizer.param_groups[0]["lr"]), THROUGHPUT: samples_per_s,
+                   EPOCH_SECONDS: time.perf_counter() - started}
+        if trainer.train_set.device.type == "cuda":
+            scalars[PEAK_GPU_MB] = torch.cuda.max_memory_allocated(trainer.train_set.device) / 2**20
+        improved = evaluated and scalars[VALIDATION_NDCG] > state["best_ndcg"]
+        if evaluated:
+            state["best_ndcg"] = max(state["best_ndcg"], scalars[VALIDATION_NDCG])
+            state["stale"] = 0 if improved else state["stale"] + 1
+        logger.info(f"epoch {epoch}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()))
+        if epoch == first_epoch + trainer.speed.compile and epoch < tc.num_epochs:  # compiled: the first after compiling
+            logger.info(pace(scalars[EPOCH_SECONDS], tc.num_epochs - epoch, tc))
+        state["epoch"] = epoch
+        if writer:
+            save_epoch(trainer, config, run, writer, scalars, dict(state), improved)
+        if tc.patience is not None and state["stale"] >= tc.patience:
+            logger.info(f"no better validation NDCG@10 for {tc.patience} evaluations: stopping")
+            break
+
+
+def save_epoch(trainer: Trainer, config: Config, run: Run, writer: SummaryWriter, scalars: dict[str, float],
+               state: dict, improved: bool) -> None:
+    """An epoch's scalars to TensorBoard, then its checkpoints."""
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, state["epoch"])
+    writer.flush()
+    run.save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+              "schedule": trainer.schedule.state_dict(), "state": state, "config": asdict(config),
+              "metadata": trainer.metadata.to_dict(), "generator": trainer.generator.get_state()}, improved)
+
+
+def write_end(run: Run, config: Config, state: dict) -> None:
+    """The run's settings and result in TensorBoard's HParams view, then its curves.png."""
+    with run.writer() as writer:
+        run.write_end(writer, flat_settings(asdict(config)), state["best_ndcg"], plot_training_curves)
 
 
 COMPILING = ("torch.compile builds the training step and validation in their first steps, once per run: "
@@ -266,29 +268,6 @@ def pace(epoch_s: float, left: int, tc: TrainerConfig) -> str:
             f"{bound} at this pace{stop}")
 
 
-def finished(state: dict, tc: TrainerConfig) -> str:
-    """Why a run has nothing left to train ("" while it has)."""
-    if state["epoch"] >= tc.num_epochs:
-        return f"trained all {tc.num_epochs} epochs of trainer_config.num_epochs; raise it (--set) to train on"
-    if tc.patience is not None and state["stale"] >= tc.patience:
-        return (f"stopped early after epoch {state['epoch']} (no better validation NDCG@10 for {tc.patience} "
-                f"evaluations); raise trainer_config.patience, or set it to null, to train on")
-    return ""
-
-
-def remove_folders(*folders: Path) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def remove_if_unsaved(run: Path, log_dir: Path, epoch: int) -> str:
-    """Remove the folders of a run that stopped before it saved an epoch; say what was kept."""
-    if (run / "last.pt").exists():
-        return f"epoch {epoch} is saved; python model_train.py --resume {run} continues with epoch {epoch + 1}"
-    remove_folders(run, log_dir)
-    return f"no epoch was saved, so {run} and {log_dir} are removed"
-
-
 def main(argv: Optional[list[str]] = None) -> Path:
     parser = argument_parser(__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -302,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
                         "(use --set for the settings a resumed run may change)")
     if not args.resume:
         return train(load_config(args.config or DEFAULT_CONFIG, args.overrides))
-    last = args.resume / "last.pt"
+    last = last_checkpoint(args.resume)
     config, changes = resume_config(load_checkpoint(last), args.overrides, str(last))
     for change in changes:
         logger.info(f"resuming {args.resume} with {change}")

@@ -14,13 +14,14 @@ from typing import Optional
 
 import imageio.v3 as iio
 import matplotlib.pyplot as plt
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Patch
 from matplotlib.ticker import MaxNLocator
-from tbparse import SummaryReader
 
 from data import DatasetMetadata
 from files import atomic_write
+from run import TRAIN_LOSS, VALIDATION_LOSS, VALIDATION_NDCG
 
 
 def save_or_return(fig: Figure, path: Optional[Path]) -> Optional[Figure]:
@@ -34,19 +35,16 @@ def save_or_return(fig: Figure, path: Optional[Path]) -> Optional[Figure]:
         plt.close(fig)
 
 
-def plot_training_curves(log_dir: Path, path: Optional[Path] = None):
-    """Training and validation loss and validation NDCG@10 per epoch, read back with tbparse.
-
-    Saved to path and closed when a path is given, else returned.
-    """
-    scalars = SummaryReader(str(log_dir)).scalars
+def plot_training_curves(scalars: pd.DataFrame, path: Optional[Path] = None):
+    """Training and validation loss and validation NDCG@10 per epoch, from a run's TensorBoard
+    scalars (run.Run.scalars). Saved to path and closed when a path is given, else returned."""
     fig, (loss_ax, ndcg_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for tag, label in (("loss/train", "train"), ("loss/validation", "validation")):
+    for tag, label in ((TRAIN_LOSS, "train"), (VALIDATION_LOSS, "validation")):
         rows = scalars[scalars.tag == tag]
         loss_ax.plot(rows.step, rows.value, label=label, marker="o" if len(rows) < 20 else None)  # one epoch shows
     loss_ax.set(title="cross-entropy", xlabel="epoch")
     loss_ax.legend()
-    rows = scalars[scalars.tag == "metrics/validation/ndcg@10"]
+    rows = scalars[scalars.tag == VALIDATION_NDCG]
     ndcg_ax.plot(rows.step, rows.value, marker="o", color="C2")
     ndcg_ax.set(title="validation NDCG@10", xlabel="epoch")
     for ax in (loss_ax, ndcg_ax):

@@ -176,18 +176,27 @@ def grouped_table(grouped: dict[str, dict], ks: tuple[int, ...], against: Option
     with their intervals, and the paired difference in NDCG with `against` (the JSON has every K)."""
     columns = [f"{m}@{max(ks)}" for m in HEADLINE]
     paired = f"model - {against}, ndcg@{max(ks)}" if against else None
-    header = ["group", "targets", "scorer", *columns, *([paired] if paired else [])]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    rows = []
     for group, entry in grouped.items():
         for name, metrics in entry.get("results", {}).items():
             cells = [f"{metrics[c]:.4f} [{entry['intervals'][name][c][0]:.4f}, {entry['intervals'][name][c][1]:.4f}]"
                      for c in columns]
             if paired:
-                d = entry["paired_difference"][f"ndcg@{max(ks)}"]
-                cells.append(f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], p {d['p_value']:.3f}"
-                             if name == "model" else "")
-            lines.append(f"| {group} | {entry['targets']:,} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                cells.append(signed(entry["paired_difference"][f"ndcg@{max(ks)}"]) if name == "model" else "")
+            rows.append([group, f"{entry['targets']:,}", name, *cells])
+    return markdown_table(["group", "targets", "scorer", *columns, *([paired] if paired else [])], rows)
+
+
+def signed(difference: dict[str, float]) -> str:
+    """A paired difference as `+0.0123 [-0.0010, +0.0250], p 0.031`."""
+    return (f"{difference['difference']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}], "
+            f"p {difference['p_value']:.3f}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """The one table writer: a markdown table of these cells."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 TopSink = Callable[[WindowBatch, torch.Tensor], None]
@@ -214,25 +223,15 @@ def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "
     return torch.cat(ranks).cpu(), (torch.cat(tops) if tops else None)
 
 
-def evaluate(scorer: Scorer, dataset: MovieLensSequenceDataset, ks: tuple[int, ...] = (3, 5, 10),
-             exclude: str = "history", batch_size: int = 1024, compiled: bool = False) -> dict[str, float]:
-    ranks, _ = rank_all(scorer, dataset, exclude, batch_size, compiled=compiled)
-    return metrics_from_ranks(ranks, ks)
-
-
-
-def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...],
-                   intervals: Optional[dict[str, dict[str, tuple[float, float]]]] = None,
-                   metrics: tuple[str, ...] = METRICS) -> str:
+def metrics_table(results: dict[str, dict[str, float]], ks: tuple[int, ...],
+                  intervals: Optional[dict[str, dict[str, tuple[float, float]]]] = None,
+                  metrics: tuple[str, ...] = METRICS) -> str:
     """One row a scorer, one column a metric at each K (and full MRR with every metric); `value
     [low, high]` where intervals are given."""
     columns = [f"{m}@{k}" for k in ks for m in metrics] + (["mrr"] if metrics == METRICS else [])
-    lines = ["| scorer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, metrics in results.items():
-        cells = [f"{metrics[c]:.4f}" + (" [{:.4f}, {:.4f}]".format(*intervals[name][c]) if intervals else "")
-                 for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["scorer", *columns], [
+        [name, *(f"{values[c]:.4f}" + (" [{:.4f}, {:.4f}]".format(*intervals[name][c]) if intervals else "")
+                 for c in columns)] for name, values in results.items()])
 
 
 def prediction_writer(f: TextIO, metadata: DatasetMetadata) -> TopSink:

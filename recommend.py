@@ -14,12 +14,13 @@ from typing import Optional
 
 import torch
 
-from checkpoint import data_for_checkpoint, inputs_of, load_checkpoint, model_from_checkpoint
+from checkpoint import data_for_checkpoint, load_checkpoint, model_from_checkpoint
 from data import DatasetMetadata, MovieLensData, latest_windows, seen_mask
 from errors import UserError, argument_parser, run_script
 from files import refuse_to_overwrite
 from plots import CardRow, draw_cards
 from ranking import model_scorer
+from run import inputs_of
 
 
 @torch.inference_mode()
@@ -95,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
         parser.error("-k must be at least 1 and --history at least 0")
 
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
-    refuse_to_overwrite(args.png, "--png", inputs_of(args.checkpoint, config, args.data_dir))
+    refuse_to_overwrite(args.png, "--png", inputs_of(args.checkpoint, args.data_dir or config.trainer_config.data_dir))
     token = user_token(metadata, args.user)
     data = data_for_checkpoint(config, metadata, args.data_dir)
     at = request_time(args.at, model, data, token, args.user)

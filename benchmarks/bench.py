@@ -33,7 +33,7 @@ from config import Config, load_config  # noqa: E402
 from errors import run_script  # noqa: E402
 from measure import peak_rss_of_this_process  # noqa: E402
 from data import MovieLensSequenceDataset, WindowBatch, load_movielens, tokenize  # noqa: E402
-from ranking import Scorer, model_scorer, rank_all, ranker  # noqa: E402
+from ranking import Scorer, markdown_table, model_scorer, rank_all, ranker  # noqa: E402
 from releases import FORMATS, RATING_COLUMNS, detect_format, read_ratings  # noqa: E402
 from speed import Step, speed_settings  # noqa: E402
 from training import make_loss, make_optimizer, make_schedule, make_training_step  # noqa: E402
@@ -305,9 +305,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ratios = {k: (ref[k] / ours[k] if k in lower_is_better else ours[k] / ref[k]) for k in ours}
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(f"{args.data_dir} on {name} ({speed}); ratio = how many times better than the post-style path")
-    print("| stage | repo | post-style | ratio |\n|---|---|---|---|")
-    for key in ours:
-        print(f"| {key} | {ours[key]:,.3f} | {ref[key]:,.3f} | {ratios[key]:.1f}x |")
+    print(markdown_table(["stage", "repo", "post-style", "ratio"],
+                         [[key, f"{ours[key]:,.3f}", f"{ref[key]:,.3f}", f"{ratios[key]:.1f}x"] for key in ours]))
     if args.json:
         args.json.write_text(json.dumps({**ours, "device": name, "reference": ref, "ratios": ratios},
                                         indent=2))

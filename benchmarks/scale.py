@@ -4,7 +4,7 @@
 
 The folder is generated once by synthetic.py in the release's format (ML-32M's 200,948 users and
 87,585 movies by default) unless it exists. Each measurement runs in a fresh process and times
-read + tokenize + order + split + datasets of the default config (`config.make_datasets`), the
+read + tokenize + order + split + datasets of the default config (`build.make_datasets`), the
 first without the cache, then with it (written by a run before), and reports the process's peak
 resident memory (VmHWM). Goals on the 2-core development machine: <= 30 s from the raw files,
 <= 3 s from the cache, <= 4 GB peak.
@@ -26,6 +26,7 @@ from config import load_config  # noqa: E402
 from data import load_movielens  # noqa: E402
 from errors import run_script  # noqa: E402
 from measure import peak_rss_of_this_process  # noqa: E402
+from ranking import markdown_table  # noqa: E402
 from releases import FORMATS  # noqa: E402
 from synthetic import write_movielens  # noqa: E402
 
@@ -69,9 +70,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     in_fresh_process(args.folder, True, args.overrides)  # writes the cache
     cached = in_fresh_process(args.folder, True, args.overrides)
     print(f"{args.folder}: {raw['ratings']:,} ratings, {raw['training_targets']:,} training targets")
-    print("| load | seconds | peak RSS (MB) | goal |\n|---|---|---|---|")
-    print(f"| from the raw files | {raw['seconds']:.1f} | {raw['peak_rss_mb']:,.0f} | <= 30 s, <= 4,096 MB |")
-    print(f"| from the cache | {cached['seconds']:.1f} | {cached['peak_rss_mb']:,.0f} | <= 3 s |")
+    print(markdown_table(["load", "seconds", "peak RSS (MB)", "goal"], [
+        ["from the raw files", f"{raw['seconds']:.1f}", f"{raw['peak_rss_mb']:,.0f}", "<= 30 s, <= 4,096 MB"],
+        ["from the cache", f"{cached['seconds']:.1f}", f"{cached['peak_rss_mb']:,.0f}", "<= 3 s"]]))
     if args.json:
         args.json.write_text(json.dumps({"raw": raw, "cached": cached}, indent=2))
 

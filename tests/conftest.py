@@ -69,14 +69,20 @@ def ml1m_dir(tmp_path_factory) -> Path:
 def validation_ndcg_against_most_rated(checkpoint: Path) -> tuple[float, float]:
     """Validation NDCG@10 of a checkpoint's model and of the most-rated baseline."""
     import ranking
-    from checkpoint import load_checkpoint, model_from_checkpoint
     from build import make_datasets
+    from checkpoint import load_checkpoint, model_from_checkpoint
 
     model, config, _ = model_from_checkpoint(load_checkpoint(checkpoint))
     validation = make_datasets(config)["validation"]
-    ours = ranking.evaluate(ranking.model_scorer(model), validation, ks=(10,))["ndcg@10"]
     most_rated = ranking.constant_scorer(ranking.popularity_baselines(validation)["most-rated"])
-    return ours, ranking.evaluate(most_rated, validation, ks=(10,))["ndcg@10"]
+    return ndcg_at_10(ranking.model_scorer(model), validation), ndcg_at_10(most_rated, validation)
+
+
+def ndcg_at_10(scorer, dataset) -> float:
+    """NDCG@10 of a scorer over a data set's targets, ranked as training's validation ranks them."""
+    import ranking
+
+    return ranking.metrics_from_ranks(ranking.rank_all(scorer, dataset)[0], (10,))["ndcg@10"]
 
 
 def window_batch(movie_tokens, user_tokens, times=None, target_times=None, ratings=None, padded: int = 0):

@@ -10,7 +10,7 @@ import torch
 
 import model_train
 from build import pick_device
-from checkpoint import load_checkpoint, model_from_checkpoint, save_atomic
+from checkpoint import load_checkpoint, model_from_checkpoint
 from config import DEFAULT_CONFIG, load_config
 from errors import ConfigError, run_script
 from conftest import ROOT, SMALL_MODEL
@@ -171,7 +171,9 @@ def test_missing_cuda_is_an_error():
 
 
 def test_checkpoint_is_written_atomically(tmp_path):
-    path = tmp_path / "last.pt"
-    save_atomic({"x": torch.ones(2)}, path)
-    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    from run import Run
+
+    run = Run(tmp_path, tmp_path / "runs")
+    run.save({"x": torch.ones(2)}, improved=True)
+    assert torch.equal(torch.load(run.last, weights_only=True)["x"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

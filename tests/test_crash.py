@@ -10,9 +10,9 @@ import torch
 import model_train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from build import make_datasets
-from conftest import ROOT
+from conftest import ROOT, ndcg_at_10
 from errors import run_script
-from ranking import evaluate, model_scorer
+from ranking import model_scorer
 
 # Runs model_train.main(argv) and SIGKILLs itself at the N-th training step or at the N-th
 # torch.save, which it first leaves half-written, as a crash or a power cut would.
@@ -73,7 +73,7 @@ def assert_best_matches_its_score(run: Path) -> None:
     assert best["state"]["best_ndcg"] == last["state"]["best_ndcg"]
     model, config, _ = model_from_checkpoint(best)
     validation = make_datasets(config)["validation"]
-    assert evaluate(model_scorer(model), validation, ks=(10,))["ndcg@10"] == best["state"]["best_ndcg"]
+    assert ndcg_at_10(model_scorer(model), validation) == best["state"]["best_ndcg"]
 
 
 # saves come two an epoch (best.pt, then last.pt): killed mid-epoch 2 (it resumes from epoch 1),

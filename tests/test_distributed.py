@@ -9,8 +9,8 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from build import make_datasets
-from conftest import ROOT, write_ml1m
-from ranking import evaluate, model_scorer
+from conftest import ROOT, ndcg_at_10, write_ml1m
+from ranking import model_scorer
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -82,7 +82,7 @@ def test_sequence_mode_weighs_each_target_once_over_processes(even_data, tmp_pat
 def test_sharded_validation_equals_one_process_and_resume_continues(even_data, two_at_256, tmp_path):
     best = load_checkpoint(two_at_256 / "best.pt")
     model, config, _ = model_from_checkpoint(best)
-    single = evaluate(model_scorer(model), make_datasets(config)["validation"], ks=(10,))["ndcg@10"]
+    single = ndcg_at_10(model_scorer(model), make_datasets(config)["validation"])
     assert best["state"]["best_ndcg"] == pytest.approx(single, abs=1e-12)
 
     halted = train(tmp_path, even_data, TORCHRUN, 256, "trainer_config.num_epochs=1")

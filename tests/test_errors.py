@@ -1,3 +1,4 @@
+import os
 """Bad input gets one line that names it and a non-zero exit; nothing already written is lost."""
 import errno
 import subprocess
@@ -241,7 +242,7 @@ def test_a_really_full_disk_is_one_line_naming_the_checkpoint(workdir, ml1m_dir,
     def disk_full_from_epoch_2(*args, **kwargs):
         if args[5] == 2:  # the epoch number
             for name in ("best.pt", "last.pt"):
-                Path(f"models/full/.{name}.tmp").symlink_to("/dev/full")
+                Path(f"models/full/.{name}.{os.getpid()}.tmp").symlink_to("/dev/full")
         return real_epoch(*args, **kwargs)
     monkeypatch.setattr(model_train, "train_epoch", disk_full_from_epoch_2)
     err = one_line_error(capsys, model_train.main, sets(f"trainer_config.data_dir={ml1m_dir}",

@@ -72,3 +72,13 @@ def test_user_docs_speak_of_the_users_machine():
     docs = [*ROOT.glob("*.md"), *ROOT.glob("*/README.md"), *ROOT.glob("notebooks/*.ipynb"), *ROOT.glob("*.py"),
             *ROOT.glob("benchmarks/*"), *ROOT.glob("configs/*.yaml")]
     assert [p.name for p in docs if "../shared" in p.read_text(errors="replace")] == []
+
+
+def test_no_function_outside_the_benchmarks_is_longer_than_60_lines():
+    """Short functions that say what they do: a longer one is a sign that it does several things."""
+    long = {}
+    for path in ROOT.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert long == {}

@@ -1,0 +1,181 @@
+"""A training run's folders and everything the scripts know of them, in one place.
+
+A run named <run> has two folders: `model_dir/<run>` holds `config.yaml`, the checkpoints
+`best.pt` (by validation NDCG@10) and `last.pt`, `curves.png` and eval.py's `eval_*.json` reports;
+`tensorboard_dir/<run>` holds TensorBoard's event files, written under the tags below. While a
+process trains it, the run's lock file `model_dir/.<run>.lock` keeps any other from training,
+resuming or removing it. A run is finished when its last checkpoint leaves nothing to train
+(`finished`) and its end (HParams, curves.png) is written (`complete`).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import yaml
+from loguru import logger
+from tbparse import SummaryReader
+from torch.utils.tensorboard import SummaryWriter
+
+from checkpoint import load_checkpoint, saved_config
+from errors import UserError
+from files import atomic_write, take_lock, torch_save, write_error
+
+# TensorBoard's tags: a scalar per epoch, and the training loss every log_every steps
+TRAIN_LOSS, VALIDATION_LOSS, STEP_LOSS = "loss/train", "loss/validation", "loss/train_step"
+LEARNING_RATE, THROUGHPUT, EPOCH_SECONDS, PEAK_GPU_MB = "lr", "throughput/samples_per_s", "time/epoch_s", "memory/peak_gpu_mb"
+BEST_NDCG = "hparam/best_validation_ndcg@10"  # the HParams view's metric
+
+
+def validation_tag(metric: str) -> str:
+    """The tag of a validation metric ("ndcg@10")."""
+    return f"metrics/validation/{metric}"
+
+
+VALIDATION_NDCG = validation_tag("ndcg@10")
+
+
+@dataclass(frozen=True)
+class Run:
+    folder: Path   # model_dir/<run>
+    log_dir: Path  # tensorboard_dir/<run>
+
+    @classmethod
+    def for_training(cls, tc, resume: Optional[Path] = None) -> "Run":
+        """The run a config trains (a new one without run_name is named here, by the time), or the
+        run in the folder `resume`."""
+        if resume:
+            return cls(resume, Path(tc.tensorboard_dir) / resume.name)
+        tc.run_name = tc.run_name or time.strftime("%Y%m%d-%H%M%S")
+        return cls(Path(tc.model_dir) / tc.run_name, Path(tc.tensorboard_dir) / tc.run_name)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def config_file(self) -> Path:
+        return self.folder / "config.yaml"
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return last_checkpoint(self.folder)
+
+    @property
+    def curves(self) -> Path:
+        return self.folder / "curves.png"
+
+    # ------------------------------------------------------------------ while it trains
+
+    def lock(self) -> Callable[[], None]:
+        """Hold the run's lock while it trains; returns its release."""
+        try:
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(self.folder.parent, e, "choose a writable trainer_config.model_dir") from None
+        return take_lock(self.folder.parent / f".{self.name}.lock", f"the run {self.folder}")
+
+    def open(self, resume: bool) -> None:
+        """A new run creates both folders and refuses names already taken; a resumed run drops the
+        temporaries a crash may have left."""
+        if resume:
+            for stale in self.folder.glob(".*.tmp"):
+                stale.unlink()
+            return
+        kept = {p.name for p in self.folder.iterdir() if not p.name.endswith(".tmp")} if self.folder.is_dir() else None
+        if kept is not None and kept <= {"config.yaml", "best.pt"}:
+            logger.warning(f"{self.folder} holds a run that was killed before it saved an epoch: starting it afresh")
+            self.remove()
+        for folder, key in ((self.folder, "model_dir"), (self.log_dir, "tensorboard_dir")):
+            if folder.exists():
+                raise UserError(f"{folder} already exists (trainer_config.{key} / run_name); choose another "
+                                f"trainer_config.run_name, or continue that run with --resume {self.folder}")
+        for folder in (self.folder, self.log_dir):
+            try:
+                folder.mkdir(parents=True)
+            except OSError as e:
+                self.remove()
+                raise write_error(folder, e, "choose writable trainer_config.model_dir and tensorboard_dir") from None
+
+    def write_config(self, config: dict) -> None:
+        atomic_write(self.config_file, lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
+
+    def writer(self) -> SummaryWriter:
+        return SummaryWriter(str(self.log_dir))
+
+    def save(self, checkpoint: dict, improved: bool) -> None:
+        """best.pt first when the epoch improved: a crash between the two writes only repeats it."""
+        for path in ([self.best] if improved else []) + [self.last]:
+            atomic_write(path, lambda tmp: torch_save(checkpoint, tmp))
+
+    def write_end(self, writer: SummaryWriter, settings: dict, best_ndcg: float,
+                  plot: Callable[[pd.DataFrame, Path], object]) -> None:
+        """The HParams view's entry (the run's settings beside its result), then curves.png, the
+        last file a run writes."""
+        writer.add_hparams(settings, {BEST_NDCG: best_ndcg}, run_name=".")
+        writer.flush()
+        plot(self.scalars(), self.curves)
+
+    def remove(self) -> None:
+        for folder in (self.folder, self.log_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def remove_if_unsaved(self, epoch: int) -> str:
+        """Remove the folders of a run that stopped before it saved an epoch; say what was kept."""
+        if self.last.exists():
+            return f"epoch {epoch} is saved; python model_train.py --resume {self.folder} continues with epoch {epoch + 1}"
+        self.remove()
+        return f"no epoch was saved, so {self.folder} and {self.log_dir} are removed"
+
+    # ------------------------------------------------------------------ once it has trained
+
+    def scalars(self) -> pd.DataFrame:
+        """Every scalar TensorBoard holds for the run: columns step, tag, value."""
+        return SummaryReader(str(self.log_dir)).scalars
+
+    def complete(self) -> bool:
+        """Whether the run has nothing left to train and its end is written (curves.png, after
+        HParams, is the last file a run writes)."""
+        if not self.curves.exists():
+            return False
+        last = load_checkpoint(self.last)
+        return bool(finished(last["state"], saved_config(last).trainer_config))
+
+    def report(self, subset: str = "test", exclude: str = "history", ks: tuple[int, ...] = (10,)) -> Path:
+        """eval.py's report of the run's best.pt."""
+        return report_path(self.best, subset, exclude, ks)
+
+
+def last_checkpoint(folder: Path) -> Path:
+    """The checkpoint a run in folder resumes from."""
+    return Path(folder) / "last.pt"
+
+
+def finished(state: dict, tc) -> str:
+    """Why a run in this state has nothing left to train under this trainer config ("" while it has)."""
+    if state["epoch"] >= tc.num_epochs:
+        return f"trained all {tc.num_epochs} epochs of trainer_config.num_epochs; raise it (--set) to train on"
+    if tc.patience is not None and state["stale"] >= tc.patience:
+        return (f"stopped early after epoch {state['epoch']} (no better validation NDCG@10 for {tc.patience} "
+                f"evaluations); raise trainer_config.patience, or set it to null, to train on")
+    return ""
+
+
+def report_path(checkpoint: Path, subset: str = "test", exclude: str = "history", ks: tuple[int, ...] = (10,)) -> Path:
+    """Where eval.py writes a checkpoint's metrics: beside it, named by subset, exclusion and K, so
+    that a call with other targets, exclusion or K never replaces another's."""
+    return Path(checkpoint).parent / f"eval_{subset}_{exclude}_k{'-'.join(map(str, ks))}.json"
+
+
+def inputs_of(checkpoint: Path, data_dir: str) -> list[Path]:
+    """What a script reading this checkpoint must never write over: its run's files and the data."""
+    folder = Path(checkpoint).parent
+    return [Path(checkpoint), folder / "best.pt", folder / "last.pt", folder / "config.yaml", Path(data_dir)]
