@@ -742,7 +742,8 @@ class HistoryChunks:
         inputs, targets = (window_index(self.data.offsets, user, e, c) for e in (end, end + 1))
         padding = torch.from_numpy(position - 1 < 0)
         d = self.data
-        chunks = ChunkBatch(movie_tokens=d.flat_tokens[inputs], ratings=d.flat_ratings[inputs], times=d.flat_times[inputs],
+        chunks = ChunkBatch(movie_tokens=d.flat_tokens[inputs], ratings=d.flat_ratings[inputs],
+                            times=d.flat_times[inputs],
                             user_tokens=user[:, None].expand(-1, c), positions=torch.arange(c).expand(len(user), -1),
                             segments=torch.where(padding, -1, 0),
                             predict=torch.from_numpy((position > lower[:, None]) & (position >= 1)),

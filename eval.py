@@ -214,7 +214,8 @@ def other_checkpoint_scorer(path: Path, dataset, data, data_dir: str) -> Scorer:
     other, other_config, other_metadata = model_from_checkpoint(load_checkpoint(path))
     check_same_data(other_metadata, dataset.metadata, f"--against {path}", data_dir)
     theirs = make_datasets(other_config, data)[dataset.subset].to(dataset.device)
-    if other_config.trainer_config.split != dataset.split or not torch.equal(theirs.target_tokens, dataset.target_tokens):
+    same_targets = torch.equal(theirs.target_tokens, dataset.target_tokens)
+    if other_config.trainer_config.split != dataset.split or not same_targets:
         raise UserError(f"--against {path} uses another split ({other_config.trainer_config.split}); "
                         "the paired difference needs the same targets")
     scorer = model_scorer(other.to(dataset.device))

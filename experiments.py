@@ -166,7 +166,8 @@ def paired_table(out: Path, grid: dict, seeds: int, base: str) -> str:
     """Per variant and seed, its paired NDCG@10 difference to the base variant of the same seed, on
     validation and test (the mean over seeds says little where the seeds disagree)."""
     subsets = ("validation", "test")
-    runs = {(variant, seed): run_settings([], variant, seed, out)[0] for variant in grid for seed in range(1, seeds + 1)}
+    runs = {(variant, seed): run_settings([], variant, seed, out)[0]
+            for variant in grid for seed in range(1, seeds + 1)}
     for seed, subset in ((seed, subset) for seed in range(1, seeds + 1) for subset in subsets):
         report_of(runs[base, seed], subset)  # what the variants are paired against
     rows = [[variant, seed, *(signed(report_of(runs[variant, seed], subset, runs[base, seed].report(subset))
@@ -191,7 +192,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 def markdown(rows: list[dict], summary: list[dict]) -> str:
     """The summary (mean ± std per variant, then the most-rated baseline on the same test targets)
     and a row per run, with readable headers."""
-    table = [[s["variant"], s["time"], s["runs"], *(f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in SUMMARY)] for s in summary]
+    table = [[s["variant"], s["time"], s["runs"], *(f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in SUMMARY)]
+             for s in summary]
     baselines = {tuple(r[f"most_rated_{m}"] for m in SUMMARY[1:]): r["variant"] for r in rows}
     for values, variant in baselines.items():  # one row, unless variants differ in data or split
         name = YARDSTICK if len(baselines) == 1 else f"{YARDSTICK}, {variant}'s data"

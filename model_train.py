@@ -180,8 +180,8 @@ def train_on(config: Config, group: Group, device: torch.device, run: Run, resum
     try:
         if writer:
             run.write_config(asdict(config))
-        logger.info(f"run {run.name} on {device} x {group.world} ({trainer.speed}): {len(trainer.train_set):,} training "
-                    f"targets, {trainer.validation_targets:,} validation targets, "
+        logger.info(f"run {run.name} on {device} x {group.world} ({trainer.speed}): "
+                    f"{len(trainer.train_set):,} training targets, {trainer.validation_targets:,} validation targets, "
                     f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters")
         train_epochs(trainer, config, group, run, state, writer)
     except KeyboardInterrupt:

@@ -47,7 +47,7 @@ def popularity_baselines(dataset: MovieLensSequenceDataset) -> dict[str, torch.T
     return {"most-rated": count.float(), "top-rated-popular": top_rated.float()}
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+def target_ranks(scores: torch.Tensor, target_tokens: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target among the non-excluded tokens (excluded: bool, or its uint8 view).
 
     Ties are broken by token index, so equal scores (popularity counts) are ranked as a stable
@@ -55,13 +55,13 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Te
     target whose score is NaN is a miss, never first.
     """
     excluded = excluded.view(torch.uint8)  # the same bytes, which inductor's kernels load faster than bool
-    target_score = scores.gather(1, targets[:, None])
+    target_score = scores.gather(1, target_tokens[:, None])
     missed = target_score[:, 0].isnan()  # a NaN elsewhere is neither > nor == the target's score: never ahead
     index = torch.arange(scores.shape[1], device=scores.device)
-    ahead = (scores > target_score) | ((scores == target_score) & (index < targets[:, None]))
+    ahead = (scores > target_score) | ((scores == target_score) & (index < target_tokens[:, None]))
     rank = (ahead & (excluded == 0)).sum(1)
     # a target the exclusion removed (a repeat of a seen movie) counts as a miss
-    missed |= excluded.gather(1, targets[:, None])[:, 0] != 0
+    missed |= excluded.gather(1, target_tokens[:, None])[:, 0] != 0
     return torch.where(missed, scores.shape[1], rank)
 
 
@@ -77,7 +77,7 @@ def ranker(compiled: bool) -> Ranker:
 def compiled_target_ranks() -> Ranker:
     ranks = torch.compile(target_ranks, dynamic=True)
     # viewed outside the graph: inside it, inductor turns the bool-to-uint8 view into a copy
-    return lambda scores, targets, excluded: ranks(scores, targets, excluded.view(torch.uint8))
+    return lambda scores, target_tokens, excluded: ranks(scores, target_tokens, excluded.view(torch.uint8))
 
 
 def per_user_metrics(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ from files import atomic_write, take_lock, torch_save, write_error
 
 # TensorBoard's tags: a scalar per epoch, and the training loss every log_every steps
 TRAIN_LOSS, VALIDATION_LOSS, STEP_LOSS = "loss/train", "loss/validation", "loss/train_step"
-LEARNING_RATE, THROUGHPUT, EPOCH_SECONDS, PEAK_GPU_MB = "lr", "throughput/samples_per_s", "time/epoch_s", "memory/peak_gpu_mb"
+LEARNING_RATE, THROUGHPUT = "lr", "throughput/samples_per_s"
+EPOCH_SECONDS, PEAK_GPU_MB = "time/epoch_s", "memory/peak_gpu_mb"
 BEST_NDCG = "hparam/best_validation_ndcg@10"  # the HParams view's metric
 
 
@@ -131,7 +132,8 @@ class Run:
     def remove_if_unsaved(self, epoch: int) -> str:
         """Remove the folders of a run that stopped before it saved an epoch; say what was kept."""
         if self.last.exists():
-            return f"epoch {epoch} is saved; python model_train.py --resume {self.folder} continues with epoch {epoch + 1}"
+            return (f"epoch {epoch} is saved; python model_train.py --resume {self.folder} continues with "
+                    f"epoch {epoch + 1}")
         self.remove()
         return f"no epoch was saved, so {self.folder} and {self.log_dir} are removed"
 

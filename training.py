@@ -81,33 +81,35 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: Optional
     return terms.mean() if reduction == "mean" else terms.sum()
 
 
-def full_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+def full_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, target_tokens: torch.Tensor,
+                      label_smoothing: float = 0.0,
                       chunk_rows: Optional[int] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean cross-entropy of logits hidden @ weight.T (each term times its weight where given); in
     chunks of chunk_rows rows when given."""
     if chunk_rows is None or len(hidden) <= chunk_rows:
-        return cross_entropy(F.linear(hidden, weight), targets, weights, label_smoothing)
+        return cross_entropy(F.linear(hidden, weight), target_tokens, weights, label_smoothing)
 
     def chunk_sum(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, k: Optional[torch.Tensor]) -> torch.Tensor:
         return cross_entropy(F.linear(h, w), t, k, label_smoothing, reduction="sum")
-    total = sum(checkpoint(chunk_sum, hidden[i:i + chunk_rows], weight, targets[i:i + chunk_rows],
+    total = sum(checkpoint(chunk_sum, hidden[i:i + chunk_rows], weight, target_tokens[i:i + chunk_rows],
                            None if weights is None else weights[i:i + chunk_rows], use_reentrant=False)
                 for i in range(0, len(hidden), chunk_rows))
     return total / len(hidden)
 
 
-def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, target_tokens: torch.Tensor,
+                         negatives: torch.Tensor,
                          log_q: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean cross-entropy of each target against the shared negatives [K] (each term times its
     weight where given). log_q [vocab]: the log of each token's sampling rate, subtracted from its
     logit (logQ correction). A negative that is the row's own target is left out."""
-    positive = (hidden * weight[targets]).sum(-1, keepdim=True)
+    positive = (hidden * weight[target_tokens]).sum(-1, keepdim=True)
     negative = F.linear(hidden, weight[negatives])
     if log_q is not None:
-        positive, negative = positive - log_q[targets][:, None], negative - log_q[negatives][None, :]
-    negative = negative.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+        positive, negative = positive - log_q[target_tokens][:, None], negative - log_q[negatives][None, :]
+    negative = negative.masked_fill(negatives[None, :] == target_tokens[:, None], float("-inf"))
     logits = torch.cat([positive, negative], dim=1)
-    return cross_entropy(logits, torch.zeros_like(targets), weights)
+    return cross_entropy(logits, torch.zeros_like(target_tokens), weights)
 
 
 def make_loss(tc: TrainerConfig, train_set) -> Loss:
