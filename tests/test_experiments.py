@@ -121,11 +121,12 @@ def run_processes_of(folder) -> list[str]:
 def test_a_signal_stops_the_sweep_and_its_run_and_the_same_command_goes_on(how, ml1m_dir, tmp_path):
     """Ctrl-C (the terminal signals the sweep's process group), or a signal to the sweep alone;
     in the background (`nohup ... &` from a script) the sweep and its runs ignore SIGINT. The run
-    has 50 epochs of about 0.1 s, so that the signal, sent once its first epoch is saved, finds it
-    training even on a loaded machine."""
+    has 6 epochs of about 1 s (batches of 32), so that the signal, sent once its first epoch is
+    saved, finds it training even on a loaded machine, and the run resumed ends soon."""
     ignored = signal.SIG_IGN if how.endswith("background") else signal.SIG_DFL
     argv = [sys.executable, str(ROOT / "experiments.py"), "--seeds", "1",
-            *sweep_args(ml1m_dir, tmp_path / "out", "trainer_config.num_epochs=50", "trainer_config.patience=null")]
+            *sweep_args(ml1m_dir, tmp_path / "out", "trainer_config.num_epochs=6", "trainer_config.batch_size=32",
+                        "trainer_config.patience=null")]
     sweep = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: (os.setsid(), signal.signal(signal.SIGINT, ignored)))
     last = tmp_path / "out" / "models" / "base-seed1" / "last.pt"
