@@ -335,41 +335,20 @@ class Batch(Protocol):
     input is a field of both, filled where the data sets make their batches, read by the model.
     """
 
-    movie_tokens: torch.Tensor  # [R, T] the input movies
-    ratings: torch.Tensor       # [R, T] their stars
-    times: torch.Tensor         # [R, T] their timestamps
-    user_tokens: torch.Tensor   # [R] (one user a row) or [R, T] (the user of each position)
-
-    @property
-    def positions(self) -> Optional[torch.Tensor]:
-        """[R, T]: each input's position-embedding index; None: 0..T-1 in every row."""
-
-    @property
-    def segments(self) -> torch.Tensor:
-        """[R, T]: which chunk of its row each position belongs to; -1 where there is no input."""
-
-    @property
-    def query_times(self) -> torch.Tensor:
-        """[R, T]: the time of the rating each position predicts, when it is asked for."""
-
-    @property
-    def predict(self) -> Optional[torch.Tensor]:
-        """Bool [R, T]: the positions whose next movie is a target; None: the last of each row."""
-
-    @property
-    def target_tokens(self) -> torch.Tensor:
-        """[N]: the target movie of each predicting position, in row-major order."""
-
-    @property
-    def target_ratings(self) -> torch.Tensor:
-        """[N]: the stars the user gave each target."""
-
-    @property
-    def num_targets(self) -> torch.Tensor | int:
-        """N, as a tensor where counting it would read the device."""
+    movie_tokens: torch.Tensor         # [R, T] the input movies
+    ratings: torch.Tensor              # [R, T] their stars
+    times: torch.Tensor                # [R, T] their timestamps
+    user_tokens: torch.Tensor          # [R] (one user a row) or [R, T] (the user of each position)
+    positions: Optional[torch.Tensor]  # [R, T] each input's position-embedding index; None: 0..T-1 in every row
+    segments: torch.Tensor             # [R, T] which chunk of its row each position belongs to; -1: no input
+    query_times: torch.Tensor          # [R, T] the time of the rating each position predicts, when it is asked for
+    predict: Optional[torch.Tensor]    # bool [R, T] positions whose next movie is a target; None: each row's last
+    target_tokens: torch.Tensor        # [N] the target movie of each predicting position, in row-major order
+    target_ratings: torch.Tensor       # [N] the stars the user gave each target
+    num_targets: torch.Tensor | int    # N, a tensor where counting it would read the device
 
     def fills(self, batch_size: int) -> bool:
-        """Whether this is a batch of the one shape that is compiled and captured as a CUDA graph."""
+        """Whether this batch has the one shape that is compiled and captured as a CUDA graph."""
 
 
 class WindowBatch(NamedTuple):
