@@ -546,9 +546,8 @@ class MovieLensSequenceDataset(Dataset):
         """How often each token is a target here, [vocab]: the in-batch negatives' sampling rates."""
         return torch.bincount(self.target_tokens.cpu(), minlength=self.metadata.vocab_size)
 
-    def training_popularity(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(count, mean rating) per token over this split's training interactions, whichever
-        subset this is.
+    def training_popularity(self) -> "Popularity":
+        """Each token's popularity over this split's training interactions, whichever subset this is.
 
         leave_one_out: every rating before each user's validation target. random_windows: every
         rating that is not a validation target.
@@ -565,7 +564,18 @@ class MovieLensSequenceDataset(Dataset):
         movies, ratings = d.flat_tokens[slots], d.flat_ratings[slots].double()
         count = torch.bincount(movies, minlength=vocab).double()
         total = torch.bincount(movies, weights=ratings, minlength=vocab)
-        return count, total / count.clamp(min=1)
+        pairs = torch.from_numpy(user[keep]) * vocab + movies  # a user who rated a movie twice counts once
+        raters = torch.bincount(pairs.unique() % vocab, minlength=vocab).double()
+        return Popularity(count, total / count.clamp(min=1), raters, int(np.unique(user[keep]).size))
+
+
+class Popularity(NamedTuple):
+    """Per token [vocab], from a split's training interactions."""
+
+    count: torch.Tensor        # float64: training ratings
+    mean_rating: torch.Tensor  # float64: their mean (0 without any)
+    raters: torch.Tensor       # float64: distinct users who rated it
+    users: int                 # users with a training rating
 
 
 # ----------------------------------------------------------------------------- chunks (sequence mode)

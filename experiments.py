@@ -52,7 +52,7 @@ from run import EPOCH_SECONDS, Run, validation_tag
 ROOT = Path(__file__).resolve().parent
 COLUMNS = ["variant", "time", "seed", "best_epoch", "validation_ndcg@10", "validation_hr@10", "test_ndcg@10", "test_hr@10",
            "test_mrr", "test_ndcg@10_low", "test_ndcg@10_high", "minutes", "most_rated_test_ndcg@10",
-           "most_rated_test_hr@10", "most_rated_test_mrr"]
+           "most_rated_test_hr@10", "most_rated_test_mrr", "test_coverage@10", "test_long-tail@10", "test_novelty@10"]
 SUMMARY = ["validation_ndcg@10", "test_ndcg@10", "test_hr@10", "test_mrr"]
 NAMES = {"best_epoch": "best epoch", "validation_ndcg@10": "validation NDCG@10", "validation_hr@10": "validation HR@10",
          "test_ndcg@10": "test NDCG@10", "test_hr@10": "test HR@10", "test_mrr": "test MRR"}  # the tables' headers
@@ -148,7 +148,8 @@ def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Pa
             "test_ndcg@10_low": test["intervals"]["model"]["ndcg@10"][0],
             "test_ndcg@10_high": test["intervals"]["model"]["ndcg@10"][1],
             "minutes": scalars[scalars.tag == EPOCH_SECONDS].value.sum() / 60,
-            **{f"most_rated_test_{metric}": baseline[metric] for metric in ("ndcg@10", "hr@10", "mrr")}}
+            **{f"most_rated_test_{metric}": baseline[metric] for metric in ("ndcg@10", "hr@10", "mrr")},
+            **{f"test_{metric}": model[metric] for metric in ("coverage@10", "long-tail@10", "novelty@10")}}
 
 
 def report_of(run: Run, subset: str, against: Optional[Path] = None) -> dict:
@@ -156,10 +157,17 @@ def report_of(run: Run, subset: str, against: Optional[Path] = None) -> dict:
     another run on the same targets: the paired difference to it), made unless it exists already."""
     report = run.report(subset)
     wanted = str(against) if against else None
-    if not report.exists() or (against and json.loads(report.read_text()).get("against") != wanted):
+    if not report.exists() or stale(json.loads(report.read_text()), wanted):
         run_child(["eval.py", "--checkpoint", str(run.best), "--subset", subset, "--k", "10",
                    *(["--against", wanted] if against else [])], f"evaluating {run.name} on {subset}")
     return json.loads(report.read_text())
+
+
+def stale(report: dict, against: Optional[str]) -> bool:
+    """Whether an eval report lacks what the sweep reads: the lists' metrics (reports written before
+    eval.py had them) or the paired difference to `against`."""
+    return ("coverage@10" not in report.get("results", {}).get("model", {})
+            or against is not None and against not in (report.get("paired_difference") or {}))
 
 
 def paired_table(out: Path, grid: dict, seeds: int, base: str) -> str:
@@ -171,7 +179,8 @@ def paired_table(out: Path, grid: dict, seeds: int, base: str) -> str:
     for seed, subset in ((seed, subset) for seed in range(1, seeds + 1) for subset in subsets):
         report_of(runs[base, seed], subset)  # what the variants are paired against
     rows = [[variant, seed, *(signed(report_of(runs[variant, seed], subset, runs[base, seed].report(subset))
-                                     ["paired_difference"]["ndcg@10"]) for subset in subsets)]
+                                     ["paired_difference"][str(runs[base, seed].report(subset))]["ndcg@10"])
+                          for subset in subsets)]
             for variant in grid if variant != base for seed in range(1, seeds + 1)]
     return markdown_table(["variant", "seed", f"validation NDCG@10 - {base}", f"test NDCG@10 - {base}"], rows) + "\n"
 

@@ -22,6 +22,7 @@ from loguru import logger
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from beyond_accuracy import coverage
 from build import build_model, make_datasets
 from checkpoint import check_same_data, load_checkpoint, resume_config
 from config import DEFAULT_CONFIG, Config, TrainerConfig, flat_settings, load_config
@@ -77,16 +78,18 @@ def diverged(epoch: int, step: int, tc: TrainerConfig) -> UserError:
 @torch.inference_mode()
 def validate(scorer: Scorer, shard, tc: TrainerConfig, compiled: bool, group: Group,
              with_metrics: bool) -> dict[str, float]:
-    """Validation loss, and with_metrics HR/NDCG/MRR@10, of every process's shard together."""
+    """Validation loss, and with_metrics HR/NDCG/MRR@10 and the top-10 lists' catalog coverage, of
+    every process's shard together."""
     total = torch.zeros((), device=shard.device)
     for batch in shard.batches(tc.eval_batch_size):
         total += F.cross_entropy(scorer(batch), batch.target_tokens, reduction="sum")
     total, n = sum_over_processes(group, total, len(shard))
     result = {VALIDATION_LOSS: total / max(n, 1)}
     if with_metrics:
-        ranks, _ = rank_all(scorer, shard, batch_size=tc.eval_batch_size, compiled=compiled)
+        ranks, lists = rank_all(scorer, shard, batch_size=tc.eval_batch_size, top=10, compiled=compiled)
         metrics = metrics_from_ranks(gather(group, ranks), ks=(10,))
-        result.update({validation_tag(k): metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10")})
+        metrics["coverage@10"] = coverage(gather(group, lists), shard.metadata.num_movies)
+        result.update({validation_tag(k): metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10", "coverage@10")})
     return result
 
 

@@ -69,6 +69,27 @@ def plot_results(results: dict[str, dict[str, float]], ks: tuple[int, ...], path
     return save_or_return(fig, path)
 
 
+def plot_penalty_sweep(sweep: list[dict[str, float]], results: dict[str, dict[str, float]], k: int,
+                       path: Optional[Path] = None):
+    """eval.py --penalty-sweep: NDCG@K against coverage@K and against long-tail@K, a point per
+    popularity penalty (labelled), the popularity baselines as reference points."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, what in zip(axes, ("coverage", "long-tail")):
+        ax.plot([row[what] for row in sweep], [row["ndcg"] for row in sweep], "o-", label="model")
+        for row in sweep:
+            ax.annotate(f"{row['penalty']:g}", (row[what], row["ndcg"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        for name, values in results.items():
+            if name != "model" and f"{what}@{k}" in values:
+                ax.plot(values[f"{what}@{k}"], values[f"ndcg@{k}"], "s", label=name)
+        ax.set_xlabel(f"{what}@{k}")
+        ax.set_ylabel(f"NDCG@{k}")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("the popularity penalty: accuracy against the long tail (labels: LAMBDA)", fontsize=9)
+    fig.tight_layout()
+    return save_or_return(fig, path)
+
+
 def plot_buckets(grouped: dict[str, dict], metric: str = "ndcg@10", path: Optional[Path] = None):
     """Each scorer's metric per group of targets (ranking.grouped_metrics) with its 95% interval
     as an error bar; each group labelled with its number of targets."""

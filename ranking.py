@@ -7,13 +7,12 @@ Recall@K equals HR@K; Precision@K is HR@K / K.
 """
 from __future__ import annotations
 
-import csv
 import functools
-from typing import Callable, Optional, TextIO
+from typing import Callable, Optional
 
 import torch
 
-from data import DatasetMetadata, WindowBatch, MovieLensSequenceDataset
+from data import WindowBatch, MovieLensSequenceDataset
 
 METRICS = ("hr", "ndcg", "mrr", "map", "precision", "recall")
 HEADLINE = ("hr", "ndcg", "mrr")  # one target per user: MAP@K is MRR@K, Recall@K is HR@K, Precision@K HR@K / K
@@ -41,7 +40,7 @@ def popularity_baselines(dataset: MovieLensSequenceDataset) -> dict[str, torch.T
     most-rated: the number of training ratings. top-rated-popular: the post's baseline, the
     highest mean rating among the 5% most-rated movies, those first, the rest by count.
     """
-    count, mean_rating = dataset.training_popularity()
+    count, mean_rating, *_ = dataset.training_popularity()
     top = count >= torch.quantile(count[count > 0], 0.95)
     top_rated = torch.where(top, 10.0 + mean_rating, count / count.max())
     return {"most-rated": count.float(), "top-rated-popular": top_rated.float()}
@@ -80,9 +79,9 @@ def compiled_target_ranks() -> Ranker:
     return lambda scores, target_tokens, excluded: ranks(scores, target_tokens, excluded.view(torch.uint8))
 
 
-def per_user_metrics(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """Each target's HR, NDCG, MRR, MAP, Precision and Recall at each K and full MRR (float64 [N]):
-    the metrics are their means."""
+def per_user_metrics(ranks: torch.Tensor, ks: tuple[int, ...], full_mrr: bool = True) -> dict[str, torch.Tensor]:
+    """Each target's HR, NDCG, MRR, MAP, Precision and Recall at each K and (full_mrr) full MRR
+    (float64 [N]): the metrics are their means. Full MRR needs every rank, which a top-K list lacks."""
     ranks = ranks.double()
     out = {}
     for k in ks:
@@ -90,7 +89,8 @@ def per_user_metrics(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torc
         rr = torch.where(ranks < k, 1.0 / (ranks + 1), 0.0)
         out.update({f"hr@{k}": hit, f"ndcg@{k}": torch.where(ranks < k, 1.0 / torch.log2(ranks + 2), 0.0),
                     f"mrr@{k}": rr, f"map@{k}": rr, f"precision@{k}": hit / k, f"recall@{k}": hit})
-    out["mrr"] = 1.0 / (ranks + 1)
+    if full_mrr:
+        out["mrr"] = 1.0 / (ranks + 1)
     return out
 
 
@@ -124,9 +124,10 @@ def bootstrap_intervals(values: dict[str, torch.Tensor], resamples: int = 1000, 
 
 def paired_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], resamples: int = 1000, seed: int = 0,
                       level: float = 0.95) -> dict[str, dict[str, float]]:
-    """Per metric, the mean of a - b over the same targets, its bootstrap interval, and the
-    two-sided p-value of a sign-flip (paired permutation) test of no difference."""
-    diff = torch.stack([a[name] - b[name] for name in a], 1)
+    """Per metric both have, the mean of a - b over the same targets, its bootstrap interval, and
+    the two-sided p-value of a sign-flip (paired permutation) test of no difference."""
+    names = [name for name in a if name in b]
+    diff = torch.stack([a[name] - b[name] for name in names], 1)
     low, high = percentile_interval(resampled_means(diff, resamples, seed), level)
     observed = diff.mean(0).abs()
     generator, extreme = torch.Generator().manual_seed(seed + 1), torch.zeros(diff.shape[1])
@@ -134,7 +135,7 @@ def paired_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], re
         signs = torch.randint(0, 2, (min(50, resamples - start), len(diff)), generator=generator).double() * 2 - 1
         extreme += ((signs @ diff / len(diff)).abs() >= observed - 1e-12).sum(0)
     return {name: {"difference": diff[:, i].mean().item(), "low": low[i].item(), "high": high[i].item(),
-                   "p_value": (extreme[i].item() + 1) / (resamples + 1)} for i, name in enumerate(a)}
+                   "p_value": (extreme[i].item() + 1) / (resamples + 1)} for i, name in enumerate(names)}
 
 
 def target_groups(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
@@ -142,7 +143,7 @@ def target_groups(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
     movies the user rated before the target, and by the target movie's popularity (whether it is
     among the 10% most-rated movies of the training ratings)."""
     history = dataset.history_length.cpu()
-    count, _ = dataset.training_popularity()
+    count = dataset.training_popularity().count
     popular = (count >= torch.quantile(count[count > 0], 0.9))[dataset.target_tokens.cpu()]
     return {"<= 20 ratings": history <= 20, "21-100 ratings": (history > 20) & (history <= 100),
             "> 100 ratings": history > 100, "target among the 10% most-rated movies": popular,
@@ -155,9 +156,9 @@ def liked_targets(dataset: MovieLensSequenceDataset) -> dict[str, torch.Tensor]:
 
 
 def grouped_metrics(per_user: dict[str, dict[str, torch.Tensor]], groups: dict[str, torch.Tensor],
-                    resamples: int, against: Optional[str] = None) -> dict[str, dict]:
+                    resamples: int, pair: Optional[tuple[str, str]] = None) -> dict[str, dict]:
     """Per group: its number of targets, each scorer's mean metrics and bootstrap intervals over
-    the group's targets, and with `against` the model's paired difference to that scorer."""
+    the group's targets, and with pair (ranked, against) the paired difference of the two."""
     out = {}
     for group, keep in groups.items():
         mine = {name: {metric: v[keep] for metric, v in values.items()} for name, values in per_user.items()}
@@ -165,8 +166,8 @@ def grouped_metrics(per_user: dict[str, dict[str, torch.Tensor]], groups: dict[s
         if entry["targets"]:
             entry["results"] = {name: {m: v.mean().item() for m, v in values.items()} for name, values in mine.items()}
             entry["intervals"] = {name: bootstrap_intervals(values, resamples) for name, values in mine.items()}
-            if against:
-                entry["paired_difference"] = paired_difference(mine["model"], mine[against], resamples)
+            if pair:
+                entry["paired_difference"] = {pair[1]: paired_difference(mine[pair[0]], mine[pair[1]], resamples)}
         out[group] = entry
     return out
 
@@ -175,14 +176,15 @@ def grouped_table(grouped: dict[str, dict], ks: tuple[int, ...], against: Option
     """grouped_metrics as one table: a row per group and scorer, HR, NDCG and MRR at the largest K
     with their intervals, and the paired difference in NDCG with `against` (the JSON has every K)."""
     columns = [f"{m}@{max(ks)}" for m in HEADLINE]
-    paired = f"model - {against}, ndcg@{max(ks)}" if against else None
+    names = next((list(entry["results"]) for entry in grouped.values() if "results" in entry), [])  # ranked first
+    paired = f"{names[0]} - {against}, ndcg@{max(ks)}" if against and names else None
     rows = []
     for group, entry in grouped.items():
         for name, metrics in entry.get("results", {}).items():
             cells = [f"{metrics[c]:.4f} [{entry['intervals'][name][c][0]:.4f}, {entry['intervals'][name][c][1]:.4f}]"
                      for c in columns]
             if paired:
-                cells.append(signed(entry["paired_difference"][f"ndcg@{max(ks)}"]) if name == "model" else "")
+                cells.append(signed(entry["paired_difference"][against][f"ndcg@{max(ks)}"]) if name == names[0] else "")
             rows.append([group, f"{entry['targets']:,}", name, *cells])
     return markdown_table(["group", "targets", "scorer", *columns, *([paired] if paired else [])], rows)
 
@@ -199,17 +201,28 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
-TopSink = Callable[[WindowBatch, torch.Tensor], None]
+def top_tokens(scores: torch.Tensor, excluded: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best non-excluded tokens of each row, best first, ordered as target_ranks ranks them
+    (equal scores by token, a NaN below every number), -1 where fewer than k are left.
+
+    topk leaves the order of equal scores open; only the rows with a tie among their first k + 1
+    (rare for a model's logits) are sorted, stably, to settle it."""
+    scores = scores.nan_to_num(nan=float("-inf")).masked_fill(excluded, float("-inf"))
+    best = scores.topk(min(k + 1, scores.shape[1]), dim=1)
+    values, tokens = best.values[:, :k], best.indices[:, :k]
+    tied = ((best.values[:, 1:] == best.values[:, :-1]) & (best.values[:, 1:] > float("-inf"))).any(1)
+    if tied.any():
+        settled = torch.sort(scores[tied], dim=1, descending=True, stable=True)
+        values[tied], tokens[tied] = settled.values[:, :k], settled.indices[:, :k]
+    return tokens.masked_fill(values == float("-inf"), -1)
 
 
 @torch.inference_mode()
 def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "history",
-             batch_size: int = 1024, top: int = 0, compiled: bool = False,
-             top_sink: Optional[TopSink] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Ranks of every target in dataset, and the top-`top` tokens per target when top > 0 (-1
-    where fewer than `top` movies are left after the exclusion), or, with top_sink, each batch's
-    top tokens handed to it and not kept. Only one batch's scores exist at a time; compiled:
-    ranked in one fused pass a batch."""
+             batch_size: int = 1024, top: int = 0, compiled: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Ranks of every target in dataset, and with top > 0 each target's list of the top-`top`
+    tokens (top_tokens). Only one batch's scores exist at a time; compiled: ranked in one fused
+    pass a batch."""
     rank = ranker(compiled)
     ranks, tops = [], []
     for batch in dataset.batches(batch_size):
@@ -217,10 +230,17 @@ def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "
         scores = scorer(batch)
         ranks.append(rank(scores, batch.target_tokens, excluded))
         if top:
-            best = scores.masked_fill(excluded, float("-inf")).topk(top, dim=1)
-            tokens = best.indices.masked_fill(best.values == float("-inf"), -1).cpu()
-            top_sink(batch, tokens) if top_sink else tops.append(tokens)
+            tops.append(top_tokens(scores, excluded, top).cpu())
     return torch.cat(ranks).cpu(), (torch.cat(tops) if tops else None)
+
+
+def penalized(scorer: Scorer, count: torch.Tensor, strength: float) -> Scorer:
+    """The scorer less `strength` times log(1 + the movie's training ratings): a popularity
+    penalty at ranking time that trades accuracy for coverage of the long tail (0: the scorer)."""
+    if not strength:
+        return scorer
+    penalty = strength * torch.log1p(count.float())
+    return lambda batch: scorer(batch) - penalty.to(batch.user_tokens.device)
 
 
 def metrics_table(results: dict[str, dict[str, float]], ks: tuple[int, ...],
@@ -228,19 +248,8 @@ def metrics_table(results: dict[str, dict[str, float]], ks: tuple[int, ...],
                   metrics: tuple[str, ...] = METRICS) -> str:
     """One row a scorer, one column a metric at each K (and full MRR with every metric); `value
     [low, high]` where intervals are given."""
-    columns = [f"{m}@{k}" for k in ks for m in metrics] + (["mrr"] if metrics == METRICS else [])
+    full_mrr = metrics == METRICS and all("mrr" in values for values in results.values())
+    columns = [f"{m}@{k}" for k in ks for m in metrics] + (["mrr"] if full_mrr else [])
     return markdown_table(["scorer", *columns], [
         [name, *(f"{values[c]:.4f}" + (" [{:.4f}, {:.4f}]".format(*intervals[name][c]) if intervals else "")
                  for c in columns)] for name, values in results.items()])
-
-
-def prediction_writer(f: TextIO, metadata: DatasetMetadata) -> TopSink:
-    """A top_sink for rank_all that writes user_id,rank,item_id rows (MovieLens ids, rank 1
-    first, rank_all's -1 left out) to the open CSV file f as the batches come."""
-    writer = csv.writer(f)
-    writer.writerow(["user_id", "rank", "item_id"])
-
-    def write(batch: WindowBatch, top: torch.Tensor) -> None:
-        for user, row in zip(batch.user_tokens.tolist(), top.tolist()):
-            writer.writerows((metadata.user_ids[user], r, metadata.movie_ids[t]) for r, t in enumerate(row, 1) if t >= 0)
-    return write

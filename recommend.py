@@ -1,12 +1,17 @@
 """Recommend next movies: python recommend.py --checkpoint PATH --user USER_ID [-k 10] [--png OUT.png]
+or, for every user at once: python recommend.py --checkpoint PATH --all-users --out FILE.csv
 
 Prints the user's recent history and the top-k movies that would come next (MovieLens id, title,
 genres, the model's probability), with every movie the user has rated removed; --png draws the
-row of cards (plots.draw_cards). A model trained with query time (model_config.query_time) reads
-when the recommendation is asked for: --at, by default the moment of the user's last rating.
+row of cards (plots.draw_cards). --all-users writes every user's top-k after all their ratings as
+user_id,rank,item_id rows (predictions.py), in batches. A model trained with query time
+(model_config.query_time) reads when the recommendation is asked for: --at, by default the moment
+of each user's last rating. --popularity-penalty ranks by the model's score less LAMBDA x log(1 +
+the movie's ratings), as eval.py's does.
 """
 from __future__ import annotations
 
+import math
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,20 +24,43 @@ from data import DatasetMetadata, MovieLensData, latest_windows, seen_mask
 from errors import UserError, argument_parser, run_script
 from files import refuse_to_overwrite
 from plots import CardRow, draw_cards
+from predictions import write_lists
 from ranking import model_scorer
 from run import inputs_of
 
 
 @torch.inference_mode()
-def recommend(model, data: MovieLensData, users: torch.Tensor, k: int,
-              at: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def recommend(model, data: MovieLensData, users: torch.Tensor, k: int, at: Optional[int] = None,
+              penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-k tokens, probabilities) per user after all of each user's ratings, rated movies
     removed: the model's softmax over the movies the user has not rated. at: when they are
-    asked for (a timestamp; default each user's last rating), for a model with query time."""
+    asked for (a timestamp; default each user's last rating), for a model with query time.
+    penalty: ranked by the score less penalty x log(1 + the movie's ratings); the probabilities
+    stay the model's."""
     batch = latest_windows(data, users, model.config.transformer_config.context_window_size, at)
     scores = model_scorer(model)(batch).masked_fill(seen_mask(data, batch), float("-inf"))
-    top = scores.softmax(dim=1).topk(k, dim=1)
-    return top.indices, top.values
+    ranked = scores - penalty * torch.log1p(movie_counts(data)) if penalty else scores
+    tokens = ranked.topk(k, dim=1).indices
+    return tokens, scores.softmax(dim=1).gather(1, tokens)
+
+
+def movie_counts(data: MovieLensData) -> torch.Tensor:
+    """Ratings per token over every user's whole history (float32 [vocab])."""
+    return torch.bincount(data.flat_tokens, minlength=data.metadata.vocab_size).float()
+
+
+def recommend_all(model, data: MovieLensData, k: int, at: Optional[int], penalty: float, out: Path,
+                  batch_size: int = 1024) -> None:
+    """Every user's top-k after all their ratings, written to `out` (predictions.write_lists)."""
+    users = torch.arange(data.metadata.num_users)
+    unrated = data.metadata.num_movies - int(data.lengths.max())  # the fewest movies a user has not rated
+    if k > unrated:
+        raise UserError(f"-k {k} asks for more movies than the {unrated:,} that the most active user has not rated; "
+                        f"give -k {unrated} or less")
+    lists = torch.cat([recommend(model, data, users[start:start + batch_size], k, at, penalty)[0]
+                       for start in range(0, len(users), batch_size)])
+    write_lists(out, users, lists, data.metadata)
+    print(f"wrote {out}: the top {k} of each of the {len(users):,} users after all their ratings")
 
 
 def user_token(metadata: DatasetMetadata, user_id: int) -> int:
@@ -66,40 +94,65 @@ def last_rating_time(data: MovieLensData, token: int) -> int:
     return int(data.flat_times[data.offsets[token] + data.lengths[token]])
 
 
-def request_time(at: Optional[str], model, data: MovieLensData, token: int, user_id: int) -> Optional[int]:
-    """--at as a timestamp, checked: only a model with query time reads it, and never before the
+def request_time(at: Optional[str], model, data: MovieLensData, users: torch.Tensor) -> Optional[int]:
+    """--at as a timestamp, checked: only a model with query time reads it, and never before a
     user's last rating (the model was trained on gaps forward in time)."""
     if at is None:
         return None
     if not model.config.query_time:
         raise UserError("--at: this model does not read the time of the request (its model_config.query_time is "
                         "false); leave --at out")
-    seconds, last = parse_time(at), last_rating_time(data, token)
-    if seconds < last:
-        raise UserError(f"--at {at} is before user {user_id}'s last rating ({utc(last)}); give a later time")
+    seconds = parse_time(at)
+    last = data.flat_times[data.offsets[users] + data.lengths[users]]
+    if seconds < last.max():
+        user = data.metadata.user_ids[int(users[last.argmax()])]
+        raise UserError(f"--at {at} is before user {user}'s last rating ({utc(int(last.max()))}); give a later time")
     return seconds
 
 
-def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
+def parse_arguments(argv: Optional[list[str]]):
     parser = argument_parser(__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
-    parser.add_argument("--user", type=int, required=True, help="MovieLens user id")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=int, help="MovieLens user id")
+    who.add_argument("--all-users", action="store_true", help="every user's top k, written to --out")
+    parser.add_argument("--out", type=Path, metavar="CSV", help="with --all-users: the CSV file to write")
     parser.add_argument("-k", type=int, default=10, help="movies to recommend")
     parser.add_argument("--png", type=Path, help="save the row of cards here")
     parser.add_argument("--history", type=int, default=5, help="recent movies to show")
     parser.add_argument("--data-dir", help="MovieLens folder (default: the checkpoint's)")
     parser.add_argument("--at", help="when the recommendation is asked for, for a model with query time: seconds "
-                                     "since 1970 or an ISO date (UTC); default: the moment of the user's last rating")
+                                     "since 1970 or an ISO date (UTC); default: the moment of each user's last rating")
+    parser.add_argument("--popularity-penalty", type=float, default=0.0, metavar="LAMBDA",
+                        help="rank by the score less LAMBDA x log(1 + the movie's ratings) (default 0: off)")
     args = parser.parse_args(argv)
-    if args.k < 1 or args.history < 0:
-        parser.error("-k must be at least 1 and --history at least 0")
+    if args.k < 1 or args.history < 0 or not math.isfinite(args.popularity_penalty):
+        parser.error("-k must be at least 1, --history at least 0 and --popularity-penalty a finite number")
+    if args.all_users != (args.out is not None) or (args.all_users and args.png):
+        parser.error("--all-users writes to --out (and draws no --png); --out goes with --all-users")
+    return args
 
+
+def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
+    args = parse_arguments(argv)
     model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
-    refuse_to_overwrite(args.png, "--png", inputs_of(args.checkpoint, args.data_dir or config.trainer_config.data_dir))
-    token = user_token(metadata, args.user)
+    inputs = inputs_of(args.checkpoint, args.data_dir or config.trainer_config.data_dir)
+    refuse_to_overwrite(args.png, "--png", inputs)
+    refuse_to_overwrite(args.out, "--out", inputs)
+    token = None if args.all_users else user_token(metadata, args.user)
     data = data_for_checkpoint(config, metadata, args.data_dir)
-    at = request_time(args.at, model, data, token, args.user)
+    users = torch.arange(metadata.num_users) if args.all_users else torch.tensor([token])
+    at = request_time(args.at, model, data, users)
+    if args.all_users:
+        recommend_all(model, data, args.k, at, args.popularity_penalty, args.out)
+        return []
+    return recommend_one(args, model, data, token, at)
+
+
+def recommend_one(args, model, data: MovieLensData, token: int, at: Optional[int]) -> list[tuple[int, str, str, float]]:
+    """Print the user's recent history and top k (and draw --png); (id, title, genres, p) per movie."""
+    metadata = data.metadata
     movies, ratings = data.history(token)
     unrated = metadata.num_movies - len(set(movies.tolist()))
     if args.k > unrated:
@@ -111,12 +164,13 @@ def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
     for movie, rating in zip(recent, ratings[len(movies) - shown:].tolist()):
         stars = f"{rating:g} star{'' if rating == 1 else 's'}"
         print(f"  {metadata.movie_ids[movie]:>6}  {stars:<8}  {metadata.titles[movie]}  [{metadata.genres[movie]}]")
-    tokens, scores = recommend(model, data, torch.tensor([token]), args.k, at)
+    tokens, scores = recommend(model, data, torch.tensor([token]), args.k, at, args.popularity_penalty)
     if model.config.query_time:
         print(f"asked at {utc(at)}" if at is not None else
               f"asked at {utc(last_rating_time(data, token))}, the user's last rating (--at sets another time)")
-    print(f"top {args.k} next movies (rated movies excluded; p: the model's probability that it is the next "
-          "movie rated):")
+    penalty = f", ranked with popularity penalty {args.popularity_penalty:g}" if args.popularity_penalty else ""
+    print(f"top {args.k} next movies (rated movies excluded{penalty}; p: the model's probability that it is the "
+          "next movie rated):")
     result = []
     for rank, (movie, score) in enumerate(zip(tokens[0].tolist(), scores[0].tolist()), 1):
         result.append((metadata.movie_ids[movie], metadata.titles[movie], metadata.genres[movie], score))

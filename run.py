@@ -171,10 +171,15 @@ def finished(state: dict, tc) -> str:
     return ""
 
 
-def report_path(checkpoint: Path, subset: str = "test", exclude: str = "history", ks: tuple[int, ...] = (10,)) -> Path:
-    """Where eval.py writes a checkpoint's metrics: beside it, named by subset, exclusion and K, so
-    that a call with other targets, exclusion or K never replaces another's."""
-    return Path(checkpoint).parent / f"eval_{subset}_{exclude}_k{'-'.join(map(str, ks))}.json"
+def report_path(ranked: Path, subset: str = "test", exclude: str = "history", ks: tuple[int, ...] = (10,),
+                penalty: float = 0.0) -> Path:
+    """Where eval.py writes the metrics of a checkpoint (or of a predictions CSV): beside it, named
+    by subset, exclusion, K and popularity penalty, so that a call with other targets, exclusion,
+    K or penalty never replaces another's (a CSV's reports also carry its name)."""
+    ranked = Path(ranked)
+    prefix = f"{ranked.stem}_" if ranked.suffix == ".csv" else ""
+    penalty_part = f"_penalty{penalty:g}" if penalty else ""
+    return ranked.parent / f"{prefix}eval_{subset}_{exclude}_k{'-'.join(map(str, ks))}{penalty_part}.json"
 
 
 def inputs_of(checkpoint: Path, data_dir: str) -> list[Path]:
