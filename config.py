@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ class TrainerConfig:
     bf16: Optional[bool] = key(None, resume=True)  # bf16 autocast in the training loss
     cuda_graph: Optional[bool] = key(None, resume=True, run=False)  # the whole training step as one CUDA graph
     pack_chunks: bool = key(True, resume=True)  # sequence mode: a batch's short chunks share rows, not padding
-    seed: int = key(42)
+    seed: int = key(42, at_least(0) & rule(lambda v: v < 2**32, "below 2**32 (4294967296)"))
     tensorboard_dir: str = key("runs", run=False)
     model_dir: str = key("models", run=False)
     run_name: Optional[str] = key(None, or_null(matches(r"(?!\.\.?$)[\w.-]+", "letters, digits, '.', '_' and '-'")))
@@ -243,23 +244,94 @@ def apply_override(raw: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+    shown = assignment if len(assignment) <= 60 else assignment[:57] + "..."
+    node[leaf] = load_yaml(value, f"--set {shown!r}")
+
+
+MAX_YAML_CHARS, MAX_YAML_NODES, MAX_YAML_DEPTH = 100_000, 100_000, 32  # a config is a few hundred of each
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (the last would win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key_node.value!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, where: str):
+    """What YAML text holds, read with limits: an alias bomb, deep nesting or a huge file is a
+    ConfigError in well under a second instead of a MemoryError or RecursionError later; a key
+    given twice is refused (StrictLoader)."""
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(f"{where}: {len(text):,} characters; a config is far shorter (at most {MAX_YAML_CHARS:,})")
+    loader = StrictLoader(text)
     try:
-        node[leaf] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
+        check_depth(text, where)
+        node = loader.get_single_node()
+        if node is not None:
+            measure_yaml(node, {}, where)
+        return None if node is None else loader.construct_document(node)
+    except RecursionError:  # indentation nested hundreds deep, which check_depth does not count
+        raise ConfigError(f"{where}: nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    finally:
+        loader.dispose()
+
+
+QUOTED_OR_COMMENT = re.compile(r"'[^']*'|\"(?:[^\"\\]|\\.)*\"|#[^\n]*")
+
+
+def check_depth(text: str, where: str) -> None:
+    """A ConfigError for brackets nested deeper than MAX_YAML_DEPTH (outside quotes and comments),
+    counted in one pass before PyYAML's scanner (quadratic in that depth) and its recursive
+    composer (which would reach Python's recursion limit) see them."""
+    depth = 0
+    for char in QUOTED_OR_COMMENT.sub("", text):
+        depth += char in "[{"
+        depth -= char in "]}"
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}: nested too deeply (at most {MAX_YAML_DEPTH} levels)")
+
+
+def measure_yaml(node: yaml.Node, sizes: dict, where: str) -> tuple[int, int]:
+    """(nodes with every alias expanded, depth) of a composed YAML node; a ConfigError past the
+    limits. Each node is measured once (an alias bomb's shared nodes cost nothing to count)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = (0, MAX_YAML_DEPTH + 1)  # met again inside itself: a recursive alias
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else
+                node.value if isinstance(node, yaml.SequenceNode) else [])
+    size, depth = 1, 0
+    for child in children:
+        child_size, child_depth = measure_yaml(child, sizes, where)
+        size, depth = size + child_size, max(depth, child_depth + 1)
+        if size > MAX_YAML_NODES or depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}: " + (f"nested too deeply (at most {MAX_YAML_DEPTH} levels)"
+                                              if depth > MAX_YAML_DEPTH else
+                                              f"more than {MAX_YAML_NODES:,} values once its aliases are expanded"))
+    sizes[id(node)] = (size, depth)
+    return size, depth
 
 
 def parse_yaml(path: str | Path, what: str = "config"):
-    """What a YAML file holds; a missing or malformed file is a ConfigError naming it as `what`."""
+    """What a YAML file holds (load_yaml); a missing or malformed file is a ConfigError naming it as `what`."""
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read the {what} {path}: {e.strerror}; give an existing YAML file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+            text = f.read(MAX_YAML_CHARS + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read the {what} {path}: {reason}; give an existing YAML file") from None
+    return load_yaml(text, str(path))
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -71,19 +71,24 @@ def user_token(metadata: DatasetMetadata, user_id: int) -> int:
                         f"{min(metadata.user_ids)} to {max(metadata.user_ids)}") from None
 
 
+LAST_SECOND = 253402300799  # 9999-12-31 23:59:59 UTC, the last moment a date can name
+
+
 def parse_time(text: str) -> int:
     """Seconds since 1970 of --at: a number of seconds, or an ISO date or date and time (UTC unless
-    it names a zone)."""
+    it names a zone), up to the year 9999."""
     try:
-        return int(text)
+        seconds = int(text)
     except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise UserError(f"--at {text!r} is neither seconds since 1970 nor an ISO date such as 2003-02-28 or "
-                        "2003-02-28T17:30") from None
-    return int((moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp())
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise UserError(f"--at {text!r} is neither seconds since 1970 nor an ISO date such as 2003-02-28 or "
+                            "2003-02-28T17:30") from None
+        seconds = int((moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp())
+    if not 0 <= seconds <= LAST_SECOND:
+        raise UserError(f"--at {text} is out of range; give a moment from 1970 to the year 9999")
+    return seconds
 
 
 def utc(seconds: int) -> str:

@@ -1,4 +1,6 @@
 import os
+import re
+import time
 """Bad input gets one line that names it and a non-zero exit; nothing already written is lost."""
 import errno
 import subprocess
@@ -141,6 +143,38 @@ def test_bad_config_files_name_the_file(tmp_path):
         load_config(broken)
     with pytest.raises(ConfigError, match=r"trainer_config.batch_size is 0 \(from .*bad.yaml\)"):
         load_config(bad)
+
+
+BOMB = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]  # 9**9 values once expanded
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{" + ", ".join(BOMB) + "}", "more than 100,000 values once its aliases are expanded"),
+    ("[" * 5000 + "]" * 5000, "nested too deeply (at most 32 levels)"),
+    ("[" * 40 + "]" * 40, "nested too deeply (at most 32 levels)"),
+    ("{seed: 1, seed: 2}", "line 1: not valid YAML (the key 'seed' is given twice)"),
+])
+def test_a_hostile_yaml_is_refused_at_once_naming_the_file(tmp_path, value, message):
+    """An alias bomb was a MemoryError after ~50 s, deep nesting a RecursionError, a key given
+    twice silently the last; each is now a ConfigError at once, in a config, a --set value and a
+    grid."""
+    path = tmp_path / "hostile.yaml"
+    path.write_text(f"trainer_config: {value}\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"hostile.yaml.*{re.escape(message)}"):
+        load_config(path)
+    assert time.perf_counter() - start < 1
+    with pytest.raises(ConfigError, match=f"--set 'model_config.mode=.*{re.escape(message)}"):
+        load_config(DEFAULT_CONFIG, ["model_config.mode=" + value])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        experiments.read_grid(path)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_out_of_range_is_refused(seed):
+    with pytest.raises(ConfigError, match=r"trainer_config.seed is -?\d+ \(from --set\); it must be"):
+        load_config(DEFAULT_CONFIG, [f"trainer_config.seed={seed}"])
 
 
 @pytest.mark.parametrize("grid, message", [

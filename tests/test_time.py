@@ -148,5 +148,8 @@ def test_recommend_asks_at_the_given_time_and_refuses_what_it_cannot_honour(time
         recommend.main(["--checkpoint", query, "--user", "5", "--at", "1990-01-01"])
     with pytest.raises(UserError, match="neither seconds since 1970 nor an ISO date"):
         recommend.main(["--checkpoint", query, "--user", "5", "--at", "yesterday"])
+    for far in ("10000000000000", str(2**70)):  # a ValueError (year out of range) before
+        with pytest.raises(UserError, match=f"--at {far} is out of range; give a moment from 1970 to the year 9999"):
+            recommend.main(["--checkpoint", query, "--user", "5", "--at", far])
     with pytest.raises(UserError, match="this model does not read the time of the request"):
         recommend.main(["--checkpoint", str(time_checkpoints["bias"]), "--user", "5", "--at", "2010-01-01"])
