@@ -25,8 +25,7 @@ def load_checkpoint(path: str | Path) -> dict:
     """The checkpoint's dict; weights_only, so a file holding code is refused."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; give a run's best.pt or last.pt "
-                              "(python model_train.py writes them to models/<run>/)")
+        raise CheckpointError(f"no checkpoint at {path}; give a run's folder, best.pt or last.pt{runs_beside(path)}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load reports a bad file as one of several error types
@@ -37,6 +36,18 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this repo (it lacks {', '.join(sorted(missing))}); "
                               "give a best.pt or last.pt written by model_train.py")
     return checkpoint
+
+
+def runs_beside(path: Path) -> str:
+    """`; runs in models: a, b` for the run folders with a checkpoint near a path that has none
+    (python model_train.py writes them to models/<run>/)."""
+    for models in (path.parent, path.parent.parent):
+        if models.is_dir():
+            runs = sorted(run.name for run in models.iterdir() if (run / "best.pt").is_file() or (run / "last.pt").is_file())
+            if runs:
+                more = f" and {len(runs) - 10} more" if len(runs) > 10 else ""
+                return f"; runs in {models}: {', '.join(runs[:10])}{more}"
+    return " (python model_train.py writes them to models/<run>/)"
 
 
 def saved_config(checkpoint: dict, overrides: list[str] = (), source: str = "checkpoint config") -> Config:

@@ -33,7 +33,7 @@ from ranking import (HEADLINE, METRICS, Scorer, bootstrap_intervals, constant_sc
                      liked_targets, markdown_table, metrics_table, model_scorer, paired_difference, penalized,
                      per_user_metrics, popularity_baselines, rank_all, signed, target_groups)
 from releases import ensure_movielens
-from run import inputs_of, report_path
+from run import checkpoint_of, inputs_of, report_path
 
 
 MAX_RESAMPLES = 100_000  # about two minutes a table of ML-1M users on 2 CPU cores
@@ -63,7 +63,7 @@ def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argument_parser(__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     ranked = parser.add_mutually_exclusive_group(required=True)
-    ranked.add_argument("--checkpoint", type=Path, help="a run's best.pt or last.pt")
+    ranked.add_argument("--checkpoint", type=Path, help="a run's folder (its best.pt), best.pt or last.pt")
     ranked.add_argument("--predictions", type=Path, metavar="CSV",
                         help="another system's top-K lists, user_id,rank,item_id in MovieLens ids (rank 1 first), "
                              "scored on the same targets as a checkpoint")
@@ -115,6 +115,7 @@ def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error("every popularity penalty must be a finite number")
     if args.sweep_plot and not args.penalty_sweep:
         parser.error("--sweep-plot draws --penalty-sweep: give both")
+    args.checkpoint = args.checkpoint and checkpoint_of(args.checkpoint)
     args.ks = tuple(sorted(args.k))
     args.name = "predictions" if args.predictions else "model"  # the ranked system's row
     return args
@@ -342,7 +343,7 @@ def ranks_of_report(path: Path, dataset, subset: str, exclude: str) -> torch.Ten
 
 def other_checkpoint_scorer(path: Path, dataset, data, data_dir: str) -> Scorer:
     """The scorer of another checkpoint's model on the same targets (its own context length)."""
-    other, other_config, other_metadata = model_from_checkpoint(load_checkpoint(path))
+    other, other_config, other_metadata = model_from_checkpoint(load_checkpoint(checkpoint_of(path)))
     check_same_data(other_metadata, dataset.metadata, f"--against {path}", data_dir)
     theirs = make_datasets(other_config, data)[dataset.subset].to(dataset.device)
     same_targets = torch.equal(theirs.target_tokens, dataset.target_tokens)

@@ -33,7 +33,7 @@ from files import write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
 from run import (EPOCH_SECONDS, LEARNING_RATE, PEAK_GPU_MB, STEP_LOSS, THROUGHPUT, TRAIN_LOSS, VALIDATION_LOSS,
-                 VALIDATION_NDCG, Run, finished, last_checkpoint, validation_tag)
+                 VALIDATION_NDCG, Run, finished, last_checkpoint, run_folder_of, validation_tag)
 from speed import Speed, Step, speed_settings
 from training import make_loss, make_optimizer, make_schedule, make_training_step, resume_optimizer, seed_epoch
 
@@ -277,13 +277,14 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
-    parser.add_argument("--resume", type=Path, help="run folder whose last.pt to continue")
+    parser.add_argument("--resume", type=Path, help="the run to continue at its last.pt: its folder or a checkpoint in it")
     args = parser.parse_args(argv)
     if args.resume and args.config:
         raise UserError(f"--resume continues {args.resume} with the config saved in it; --config cannot change it "
                         "(use --set for the settings a resumed run may change)")
     if not args.resume:
         return train(load_config(args.config or DEFAULT_CONFIG, args.overrides))
+    args.resume = run_folder_of(args.resume)
     last = last_checkpoint(args.resume)
     config, changes = resume_config(load_checkpoint(last), args.overrides, str(last))
     for change in changes:

@@ -26,7 +26,7 @@ from files import refuse_to_overwrite
 from plots import CardRow, draw_cards
 from predictions import write_lists
 from ranking import model_scorer
-from run import inputs_of
+from run import checkpoint_of, inputs_of
 
 
 @torch.inference_mode()
@@ -118,7 +118,7 @@ def request_time(at: Optional[str], model, data: MovieLensData, users: torch.Ten
 def parse_arguments(argv: Optional[list[str]]):
     parser = argument_parser(__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a run's folder (its best.pt), best.pt or last.pt")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", type=int, help="MovieLens user id")
     who.add_argument("--all-users", action="store_true", help="every user's top k, written to --out")
@@ -132,6 +132,7 @@ def parse_arguments(argv: Optional[list[str]]):
     parser.add_argument("--popularity-penalty", type=float, default=0.0, metavar="LAMBDA",
                         help="rank by the score less LAMBDA x log(1 + the movie's ratings) (default 0: off)")
     args = parser.parse_args(argv)
+    args.checkpoint = checkpoint_of(args.checkpoint)
     if args.k < 1 or args.history < 0 or not math.isfinite(args.popularity_penalty):
         parser.error("-k must be at least 1, --history at least 0 and --popularity-penalty a finite number")
     if args.all_users != (args.out is not None) or (args.all_users and args.png):

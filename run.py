@@ -50,13 +50,13 @@ class Run:
         """The run a config trains (a new one without run_name is named here, by the time), or the
         run in the folder `resume`."""
         if resume:
-            return cls(resume, Path(tc.tensorboard_dir) / resume.name)
+            return cls(resume, Path(tc.tensorboard_dir) / resume.resolve().name)  # `--resume .` names it too
         tc.run_name = tc.run_name or time.strftime("%Y%m%d-%H%M%S")
         return cls(Path(tc.model_dir) / tc.run_name, Path(tc.tensorboard_dir) / tc.run_name)
 
     @property
     def name(self) -> str:
-        return self.folder.name
+        return self.folder.resolve().name
 
     @property
     def config_file(self) -> Path:
@@ -77,12 +77,14 @@ class Run:
     # ------------------------------------------------------------------ while it trains
 
     def lock(self) -> Callable[[], None]:
-        """Hold the run's lock while it trains; returns its release."""
+        """Hold the run's lock while it trains; returns its release. The lock sits beside the
+        resolved folder, so that a symlink to it or `.` from inside it meets the same lock."""
+        real = self.folder.resolve()
         try:
-            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            real.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_error(self.folder.parent, e, "choose a writable trainer_config.model_dir") from None
-        return take_lock(self.folder.parent / f".{self.name}.lock", f"the run {self.folder}")
+        return take_lock(real.parent / f".{real.name}.lock", f"the run {self.folder}")
 
     def open(self, resume: bool) -> None:
         """A new run creates both folders and refuses names already taken; a resumed run drops the
@@ -154,6 +156,18 @@ class Run:
     def report(self, subset: str = "test", exclude: str = "history", ks: tuple[int, ...] = (10,)) -> Path:
         """eval.py's report of the run's best.pt."""
         return report_path(self.best, subset, exclude, ks)
+
+
+def run_folder_of(path: Path) -> Path:
+    """The run folder a user means by `--resume`: the folder, or the folder of a checkpoint in it."""
+    path = Path(path)
+    return path.parent if path.suffix == ".pt" and not path.is_dir() else path
+
+
+def checkpoint_of(path: Path, name: str = "best.pt") -> Path:
+    """The checkpoint a user means by `--checkpoint`: a file as given, or a run folder's `name`."""
+    path = Path(path)
+    return path / name if path.is_dir() else path
 
 
 def last_checkpoint(folder: Path) -> Path:

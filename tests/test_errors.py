@@ -400,6 +400,30 @@ def finished_run(workdir, ml1m_dir) -> Path:
                                  "trainer_config.run_name=done"))
 
 
+def test_a_run_is_named_by_its_folder_a_checkpoint_in_it_a_symlink_or_dot(finished_run, workdir, capsys,
+                                                                          monkeypatch):
+    """eval and recommend read a run folder's best.pt; --resume takes a checkpoint in the folder
+    (it said "no checkpoint at .../last.pt/last.pt"), and a symlink or `.` meet the same lock (they
+    walked around it and started a second trainer)."""
+    from run import Run
+    best, real = finished_run / "best.pt", finished_run.resolve()
+    assert (evaluation.main(["--checkpoint", str(finished_run), "--resamples", "20"])
+            == evaluation.main(["--checkpoint", str(best), "--resamples", "20"]))
+    assert (recommend.main(["--checkpoint", str(finished_run), "--user", "5", "-k", "3"])
+            == recommend.main(["--checkpoint", str(best), "--user", "5", "-k", "3"]))
+    assert "runs in models: done" in one_line_error(capsys, evaluation.main, ["--checkpoint", "models/gone"])
+    (workdir / "link").symlink_to(finished_run.resolve(), target_is_directory=True)
+    release = Run(finished_run.resolve(), workdir / "runs" / "done").lock()  # a trainer holds the run
+    try:
+        for given in ("link", str(finished_run / "last.pt")):
+            assert "is in use by process" in one_line_error(capsys, model_train.main, ["--resume", given])
+        monkeypatch.chdir(finished_run)
+        assert "is in use by process" in one_line_error(capsys, model_train.main, ["--resume", "."])
+    finally:
+        release()
+    assert model_train.main(["--resume", "last.pt"]).resolve() == real  # finished: nothing to train
+
+
 def test_a_resumed_run_trains_with_the_settings_it_may_change(finished_run, capsys):
     from loguru import logger as log
     lines = []
