@@ -65,6 +65,10 @@ def make_datasets(config: Config, data: Optional[MovieLensData] = None) -> dict:
     c = mc.transformer_config.context_window_size
     datasets = {subset: MovieLensSequenceDataset(data, subset, c, tc.window_stride, tc.split, tc.seed)
                 for subset in ("validation", "test")}
+    if len(datasets["validation"]) == 0:
+        raise ConfigError(f"no validation targets in {tc.data_dir} with trainer_config.split {tc.split}: "
+                          "leave_one_out needs users with at least 3 ratings (the last is for test, the one "
+                          "before for validation); give a data set that has some")
     longest = int(data.lengths.max())
     key = "model_config.transformer_config.context_window_size"
     if c > longest + 1:

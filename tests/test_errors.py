@@ -171,6 +171,15 @@ def test_a_hostile_yaml_is_refused_at_once_naming_the_file(tmp_path, value, mess
         experiments.read_grid(path)
 
 
+def test_data_that_leaves_no_validation_target_is_named(workdir, capsys):
+    """Users of two ratings each leave leave-one-out no validation target: it was a ValueError from
+    torch.cat in the first validation."""
+    rows = [(u, 7 + 3 * m, 4, 1000 * u + m) for u in range(1, 31) for m in range(2)]
+    data_dir = write_ml1m(workdir / "ml-1m", rows=rows, num_users=30, num_movies=10)
+    assert "no validation targets in" in one_line_error(capsys, model_train.main,
+                                                         sets(f"trainer_config.data_dir={data_dir}"))
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**64)])
 def test_a_seed_out_of_range_is_refused(seed):
     with pytest.raises(ConfigError, match=r"trainer_config.seed is -?\d+ \(from --set\); it must be"):
