@@ -31,7 +31,8 @@ from plots import plot_penalty_sweep, plot_results
 from predictions import read_lists, write_lists
 from ranking import (HEADLINE, METRICS, Scorer, bootstrap_intervals, constant_scorer, grouped_metrics, grouped_table,
                      liked_targets, markdown_table, metrics_table, model_scorer, paired_difference, penalized,
-                     per_user_metrics, popularity_baselines, rank_all, signed, target_groups)
+                     per_user_metrics, popularity_baselines, rank_all, scored_batches, target_groups,
+                     target_ranks, top_tokens)
 from releases import ensure_movielens
 from run import checkpoint_of, inputs_of, report_path
 
@@ -215,13 +216,22 @@ def summarize(args: argparse.Namespace, ranked: Ranked, dataset, catalog: Catalo
             "buckets": grouped_metrics(per_user, target_groups(dataset), args.resamples, pair) if args.buckets else None}
 
 
+@torch.inference_mode()
 def penalty_sweep(args: argparse.Namespace, scorer: Scorer, dataset, catalog: Catalog) -> list[dict[str, float]]:
-    """Per popularity penalty, the model's accuracy and what its lists cover, at the largest K."""
-    k, count, targets, rows = max(args.ks), catalog.count.to(dataset.device), dataset.target_tokens.cpu(), []
-    for strength in sorted(set(args.penalty_sweep)):
-        ranks, lists = rank_all(penalized(scorer, count, strength), dataset, args.exclude, args.batch_size, k)
-        per_user, whole = list_metrics(lists, targets, catalog, (k,))
-        accuracy = per_user_metrics(ranks, (k,))
+    """Per popularity penalty (penalized's), the model's accuracy and what its lists cover, at the
+    largest K; the model scores each batch once for every penalty."""
+    k, strengths = max(args.ks), sorted(set(args.penalty_sweep))
+    log_count = torch.log1p(catalog.count.float()).to(dataset.device)
+    found = [([], []) for _ in strengths]  # per penalty: ranks and lists, batch by batch
+    for batch, excluded, scores in scored_batches(scorer, dataset, args.exclude, args.batch_size):
+        for strength, (ranks, lists) in zip(strengths, found):
+            shifted = scores - strength * log_count
+            ranks.append(target_ranks(shifted, batch.target_tokens, excluded).cpu())
+            lists.append(top_tokens(shifted, excluded, k).cpu())
+    rows, targets = [], dataset.target_tokens.cpu()
+    for strength, (ranks, lists) in zip(strengths, found):
+        per_user, whole = list_metrics(torch.cat(lists), targets, catalog, (k,))
+        accuracy = per_user_metrics(torch.cat(ranks), (k,))
         rows.append({"penalty": strength, **{m: accuracy[f"{m}@{k}"].mean().item() for m in ("ndcg", "hr")},
                      "coverage": whole[f"coverage@{k}"],
                      **{m: per_user[f"{m}@{k}"].mean().item() for m in ("long-tail", "novelty")}})

@@ -8,7 +8,7 @@ Recall@K equals HR@K; Precision@K is HR@K / K.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -217,17 +217,22 @@ def top_tokens(scores: torch.Tensor, excluded: torch.Tensor, k: int) -> torch.Te
     return tokens.masked_fill(values == float("-inf"), -1)
 
 
+def scored_batches(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "history",
+                   batch_size: int = 1024) -> Iterator[tuple[WindowBatch, torch.Tensor, torch.Tensor]]:
+    """Each batch of targets with its excluded movies and its scores [B, vocab]: only one batch's
+    scores exist at a time."""
+    for batch in dataset.batches(batch_size):
+        yield batch, dataset.seen_mask(batch, exclude), scorer(batch)
+
+
 @torch.inference_mode()
 def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "history",
              batch_size: int = 1024, top: int = 0, compiled: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Ranks of every target in dataset, and with top > 0 each target's list of the top-`top`
-    tokens (top_tokens). Only one batch's scores exist at a time; compiled: ranked in one fused
-    pass a batch."""
+    tokens (top_tokens); compiled: ranked in one fused pass a batch."""
     rank = ranker(compiled)
     ranks, tops = [], []
-    for batch in dataset.batches(batch_size):
-        excluded = dataset.seen_mask(batch, exclude)
-        scores = scorer(batch)
+    for batch, excluded, scores in scored_batches(scorer, dataset, exclude, batch_size):
         ranks.append(rank(scores, batch.target_tokens, excluded))
         if top:
             tops.append(top_tokens(scores, excluded, top).cpu())
