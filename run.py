@@ -9,6 +9,7 @@ resuming or removing it. A run is finished when its last checkpoint leaves nothi
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class Run:
             real.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_error(self.folder.parent, e, "choose a writable trainer_config.model_dir") from None
-        return take_lock(real.parent / f".{real.name}.lock", f"the run {self.folder}")
+        return take_lock(Path(os.path.relpath(real.parent / f".{real.name}.lock")), f"the run {self.folder}")
 
     def open(self, resume: bool) -> None:
         """A new run creates both folders and refuses names already taken; a resumed run drops the
