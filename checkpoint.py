@@ -1,9 +1,9 @@
 """Checkpoints: read without running code, turned back into model, config and data (run.Run writes them).
 
 A checkpoint is a dict: `model`, `optimizer`, `schedule` state dicts, `state` (epoch, best
-validation NDCG@10, evaluations without improvement), `config` (the resolved config as a dict),
-`metadata` (the token <-> MovieLens id map), and `generator`, the state of the shuffle's random
-numbers (the other draws are seeded anew each epoch: training.seed_epoch).
+validation NDCG@10 and its epoch, evaluations without improvement), `config` (the resolved config
+as a dict), `metadata` (the token <-> MovieLens id map), and `generator`, the state of the shuffle's
+random numbers (the other draws are seeded anew each epoch: training.seed_epoch).
 """
 from __future__ import annotations
 

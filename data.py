@@ -267,7 +267,7 @@ def load_movielens(data_dir: str | Path, cache: bool = True) -> MovieLensData:
         try:
             atomic_write(path, lambda tmp: torch_save(saved, tmp))
         except UserError as e:
-            logger.warning(f"{e}; training goes on without the cache (trainer_config.cache: false turns it off)")
+            logger.warning(f"{e}; going on without the cache (trainer_config.cache: false turns it off)")
     return data
 
 

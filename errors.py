@@ -12,6 +12,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Callable, Optional
 
@@ -52,13 +53,21 @@ def wait_for_rank_0_to_say_it(seconds: float = 60.0) -> None:
     time.sleep(seconds)
 
 
+def quiet_kept_thread_errors(args: threading.ExceptHookArgs) -> None:
+    """Threads that keep their OSError for their owner's next call (TensorBoard's writer, whose
+    write met a full disk) end silently: the owner reports the error in one line."""
+    if not (issubclass(args.exc_type, OSError) and getattr(args.thread, "exception", None) is args.exc_value):
+        threading.__excepthook__(args)
+
+
 def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[list[str]] = None) -> int:
     """Run a script's main(argv) as a command: 0 when it returns, else the UserError's exit code
     after its one line (`error: ...`). With --debug or MOVIELENS_DEBUG=1 it keeps its traceback.
     SIGTERM (kill, a job scheduler) stops it as Ctrl-C does: what can be kept is kept."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MOVIELENS_DEBUG") == "1"
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous, previous_hook = signal.signal(signal.SIGTERM, interrupt), threading.excepthook
+    threading.excepthook = quiet_kept_thread_errors
     try:
         main(argv)
     except KeyboardInterrupt:
@@ -75,6 +84,7 @@ def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[lis
         return e.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)
+        threading.excepthook = previous_hook
     return 0
 
 

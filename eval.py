@@ -305,7 +305,8 @@ def write_report(args: argparse.Namespace, report: dict, config, dataset, ranks:
              "k": list(args.ks), "popularity_penalty": args.popularity_penalty, "targets": len(dataset),
              "resamples": args.resamples, **report, "targets_of": targets_of(dataset), "model_ranks": ranks.tolist()}
     text = json.dumps(merged_report(out, fresh), indent=2)
-    atomic_write(out, lambda tmp: tmp.write_text(text))
+    atomic_write(out, lambda tmp: tmp.write_text(text), "the tables above are complete, the report is not saved "
+                 "(copy the run folder somewhere writable to keep it)")
     print(f"wrote {out}")
 
 

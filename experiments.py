@@ -115,7 +115,7 @@ def check_same_run(run: Run, wanted: Config) -> None:
     """A run folder the sweep finds is read back or resumed only if it was trained as the sweep
     asks now: a grid or --set changed since gets a ConfigError, not the old run's numbers."""
     declared = declared_keys()
-    for key, (saved, value) in changed_settings(saved_config(load_checkpoint(run.last)), wanted).items():
+    for key, (saved, value) in changed_settings(saved_config(load_checkpoint(run.saved)), wanted).items():
         if declared[key].run:
             raise ConfigError(f"{run.folder} was trained with {key}={saved!r}, this sweep asks for {value!r}: "
                               f"move that folder away or give another --out")
@@ -123,9 +123,10 @@ def check_same_run(run: Run, wanted: Config) -> None:
 
 def training_command(config: Path, run: Run, sets: list[str]) -> Optional[list[str]]:
     """The model_train.py arguments that train a run of the sweep (run_settings), or resume it
-    where it stopped; None for a complete run."""
-    if run.last.exists():
-        return None if run.complete() else ["model_train.py", "--resume", str(run.folder)]
+    where it stopped; None for a complete run (or one whose last.pt a user removed)."""
+    if run.saved.exists():
+        finished = run.saved == run.best or run.complete()
+        return None if finished else ["model_train.py", "--resume", str(run.folder)]
     return ["model_train.py", "--config", str(config), *(a for s in sets for a in ("--set", s))]
 
 
@@ -257,7 +258,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     commands = []
     for variant, seed, overrides in runs:  # every run already there checked before anything is written
         run, sets = run_settings(overrides, variant, seed, out)
-        if run.last.exists():
+        if run.saved.exists():
             check_same_run(run, load_config(args.config.resolve(), sets))
         commands.append(training_command(args.config.resolve(), run, sets))
     if args.commands:  # the runs left, for the caller to start where it likes

@@ -33,22 +33,34 @@ def refuse_to_overwrite(output: Optional[Path], option: str, inputs: Iterable[Pa
                             "and the data folder")
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object],
+                 remedy: str = "free space or choose a writable folder") -> None:
     """write(tmp) to a temporary file beside path, then rename it over path, so that path holds
     the old content or the new, never part of it. The temporary is named by the process, so that
-    two processes writing one file (torchrun's ranks, the data cache) never share it; a failed
+    two processes writing one file (torchrun's ranks, two evals) never share it, and created
+    anew, so that a file or symlink already at its name is never written through; a failed
     write leaves none behind. A full disk or read-only folder is a UserError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        discard(tmp)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, e) from None
+        discard(tmp)
+        raise write_error(path, e, remedy) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise
+
+
+def discard(path: Path) -> None:
+    """Remove a file if it is there and may be removed (a read-only folder keeps it)."""
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def torch_save(obj: object, path: Path) -> None:

@@ -164,6 +164,9 @@ def resume_from(trainer: Trainer, run: Run, tc: TrainerConfig) -> dict:
     return checkpoint["state"]
 
 
+FIRST_STATE = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "stale": 0}  # a run's before its first epoch
+
+
 def train_on(config: Config, group: Group, device: torch.device, run: Run, resume: bool,
              data: Optional[MovieLensData]) -> None:
     """One process's part of the run (all of it without torchrun): build, resume, open the run,
@@ -172,16 +175,19 @@ def train_on(config: Config, group: Group, device: torch.device, run: Run, resum
     if not group.is_main:
         logger.remove()  # rank 0 alone logs
     trainer = build_trainer(config, group, device, data)
-    state = resume_from(trainer, run, tc) if resume else {"epoch": 0, "best_ndcg": -1.0, "stale": 0}
+    state = resume_from(trainer, run, tc) if resume else dict(FIRST_STATE)
+    if resume and group.is_main:
+        run.restore_best()
     if resume and (done := finished(state, tc)):
         logger.info(f"{run.folder} {done}: nothing to train")
         if group.is_main and not run.curves.exists():  # killed after its last checkpoint
             write_end(run, config, state)
         return
     on_main(group, lambda: run.open(resume))
-    writer = run.writer() if group.is_main else None
+    writer = None
     try:
-        if writer:
+        if group.is_main:
+            writer = run.writer()
             run.write_config(asdict(config))
         logger.info(f"run {run.name} on {device} x {group.world} ({trainer.speed}): "
                     f"{len(trainer.train_set):,} training targets, {trainer.validation_targets:,} validation targets, "
@@ -229,6 +235,8 @@ def train_epochs(trainer: Trainer, config: Config, group: Group, run: Run, state
         if evaluated:
             state["best_ndcg"] = max(state["best_ndcg"], scalars[VALIDATION_NDCG])
             state["stale"] = 0 if improved else state["stale"] + 1
+        if improved:
+            state["best_epoch"] = epoch
         logger.info(f"epoch {epoch}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in scalars.items()))
         if epoch == first_epoch + trainer.speed.compile and epoch < tc.num_epochs:  # compiled: the first after compiling
             logger.info(pace(scalars[EPOCH_SECONDS], tc.num_epochs - epoch, tc))
@@ -286,6 +294,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
         return train(load_config(args.config or DEFAULT_CONFIG, args.overrides))
     args.resume = run_folder_of(args.resume)
     last = last_checkpoint(args.resume)
+    if not last.exists() and (args.resume / "best.pt").exists():
+        raise UserError(f"{args.resume} holds best.pt but no last.pt, which resuming needs: a finished run "
+                        f"whose last.pt was removed; evaluate it with python eval.py --checkpoint {args.resume}")
     config, changes = resume_config(load_checkpoint(last), args.overrides, str(last))
     for change in changes:
         logger.info(f"resuming {args.resume} with {change}")

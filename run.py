@@ -2,8 +2,9 @@
 
 A run named <run> has two folders: `model_dir/<run>` holds `config.yaml`, the checkpoints
 `best.pt` (by validation NDCG@10) and `last.pt`, `curves.png` and eval.py's `eval_*.json` reports;
-`tensorboard_dir/<run>` holds TensorBoard's event files, written under the tags below. While a
-process trains it, the run's lock file `model_dir/.<run>.lock` keeps any other from training,
+`tensorboard_dir/<run>` holds TensorBoard's event files, written under the tags below. The run
+lists each file it writes in `.written`, so that restarting a run killed before its first
+checkpoint removes those and nothing a user put beside them. While a process trains it, the run's lock file `model_dir/.<run>.lock` keeps any other from training,
 resuming or removing it. A run is finished when its last checkpoint leaves nothing to train
 (`finished`) and its end (HParams, curves.png) is written (`complete`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,12 @@ class Run:
         return last_checkpoint(self.folder)
 
     @property
+    def saved(self) -> Path:
+        """The checkpoint that says how the run was trained and how far: last.pt, or best.pt where
+        a user removed last.pt (a finished run then: nothing is left to resume)."""
+        return self.last if self.last.exists() or not self.best.exists() else self.best
+
+    @property
     def curves(self) -> Path:
         return self.folder / "curves.png"
 
@@ -88,37 +96,99 @@ class Run:
         return take_lock(Path(os.path.relpath(real.parent / f".{real.name}.lock")), f"the run {self.folder}")
 
     def open(self, resume: bool) -> None:
-        """A new run creates both folders and refuses names already taken; a resumed run drops the
-        temporaries a crash may have left."""
+        """A new run creates both folders and refuses names already taken, except by a run that was
+        killed before it saved an epoch: that one starts afresh, its own files removed and any other
+        kept. A resumed run drops the temporaries a crash may have left."""
         if resume:
             for stale in self.folder.glob(".*.tmp"):
                 stale.unlink()
             return
-        kept = {p.name for p in self.folder.iterdir() if not p.name.endswith(".tmp")} if self.folder.is_dir() else None
-        if kept is not None and kept <= {"config.yaml", "best.pt"}:
-            logger.warning(f"{self.folder} holds a run that was killed before it saved an epoch: starting it afresh")
-            self.remove()
+        restart = self.killed_before_first_epoch()
+        if restart:
+            kept = self.remove_written()
+            logger.warning(f"{self.folder} holds a run that was killed before it saved an epoch: starting it afresh"
+                           + (f" (kept what it did not write: {', '.join(kept)})" if kept else ""))
         for folder, key in ((self.folder, "model_dir"), (self.log_dir, "tensorboard_dir")):
-            if folder.exists():
+            if not restart and folder.exists() and any(folder.iterdir()):
                 raise UserError(f"{folder} already exists (trainer_config.{key} / run_name); choose another "
                                 f"trainer_config.run_name, or continue that run with --resume {self.folder}")
         for folder in (self.folder, self.log_dir):
             try:
-                folder.mkdir(parents=True)
+                folder.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                self.remove()
+                self.remove_written()
                 raise write_error(folder, e, "choose writable trainer_config.model_dir and tensorboard_dir") from None
+        self.record.touch()
+
+    # ------------------------------------------------------------------ what it wrote
+
+    @property
+    def record(self) -> Path:
+        """The run's list of the files it wrote, one `run/<name>` or `tensorboard/<name>` a line (a
+        name may be a glob pattern)."""
+        return self.folder / ".written"
+
+    def wrote(self, path: Path) -> None:
+        """Add a file to the record before the run writes it; a file it writes again is listed once."""
+        line = f"{'run' if Path(path).parent == self.folder else 'tensorboard'}/{Path(path).name}"
+        if line not in self.written():
+            with open(self.record, "a") as f:
+                f.write(line + "\n")
+
+    def written(self) -> list[str]:
+        return self.record.read_text().splitlines() if self.record.is_file() else []
+
+    def killed_before_first_epoch(self) -> bool:
+        """A run folder with the record of a run that never saved a checkpoint: only a run that
+        was killed before the end of its first epoch leaves one (a user's best.pt alone is kept)."""
+        return self.record.is_file() and not self.best.exists() and not self.last.exists()
+
+    def remove_written(self) -> list[str]:
+        """Remove the files the run recorded (and their temporaries), its record, and each folder
+        left empty; the paths of what else was found there, which stay."""
+        for line in self.written():
+            kind, name = line.split("/", 1)
+            folder = self.folder if kind == "run" else self.log_dir
+            for path in [*folder.glob(name), *folder.glob(f".{name}.*.tmp")]:
+                path.unlink(missing_ok=True)
+        self.record.unlink(missing_ok=True)
+        kept = []
+        for folder in (self.folder, self.log_dir):
+            if folder.is_dir():
+                left = sorted(folder.iterdir())
+                kept += [str(p) for p in left]
+                if not left:
+                    folder.rmdir()
+        return kept
 
     def write_config(self, config: dict) -> None:
+        self.wrote(self.config_file)
         atomic_write(self.config_file, lambda tmp: tmp.write_text(yaml.safe_dump(config, sort_keys=False)))
 
     def writer(self) -> SummaryWriter:
+        """TensorBoard's writer, its event files recorded first by the pattern of their names (the
+        host and process that write them)."""
+        self.wrote(self.log_dir / f"events.out.tfevents.*.{socket.gethostname()}.{os.getpid()}.*")
         return SummaryWriter(str(self.log_dir))
 
     def save(self, checkpoint: dict, improved: bool) -> None:
-        """best.pt first when the epoch improved: a crash between the two writes only repeats it."""
-        for path in ([self.best] if improved else []) + [self.last]:
+        """last.pt, then best.pt when the epoch improved: a crash between the two leaves last.pt
+        holding the best epoch, from which a resumed run restores best.pt (restore_best)."""
+        for path in [self.last] + ([self.best] if improved else []):
+            self.wrote(path)
             atomic_write(path, lambda tmp: torch_save(checkpoint, tmp))
+
+    def restore_best(self) -> None:
+        """Write best.pt anew from last.pt when last.pt holds the best epoch and best.pt does not
+        (a run killed between the two writes of that epoch)."""
+        state = load_checkpoint(self.last)["state"]
+        if state.get("best_epoch") != state["epoch"]:
+            return
+        if self.best.exists() and load_checkpoint(self.best)["state"]["epoch"] == state["epoch"]:
+            return
+        logger.warning(f"{self.best} misses epoch {state['epoch']}, the best, whose writing was cut: "
+                       f"restored from {self.last}")
+        atomic_write(self.best, lambda tmp: shutil.copyfile(self.last, tmp))
 
     def write_end(self, writer: SummaryWriter, settings: dict, best_ndcg: float,
                   plot: Callable[[pd.DataFrame, Path], object]) -> None:
@@ -128,17 +198,14 @@ class Run:
         writer.flush()
         plot(self.scalars(), self.curves)
 
-    def remove(self) -> None:
-        for folder in (self.folder, self.log_dir):
-            shutil.rmtree(folder, ignore_errors=True)
-
     def remove_if_unsaved(self, epoch: int) -> str:
-        """Remove the folders of a run that stopped before it saved an epoch; say what was kept."""
+        """Remove the files of a run that stopped before it saved an epoch; say what was kept."""
         if self.last.exists():
             return (f"epoch {epoch} is saved; python model_train.py --resume {self.folder} continues with "
                     f"epoch {epoch + 1}")
-        self.remove()
-        return f"no epoch was saved, so {self.folder} and {self.log_dir} are removed"
+        kept = self.remove_written()
+        return ("no epoch was saved, so the files the run wrote are removed"
+                + (f" (kept what it did not write: {', '.join(kept)})" if kept else ""))
 
     # ------------------------------------------------------------------ once it has trained
 

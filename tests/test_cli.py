@@ -176,4 +176,4 @@ def test_checkpoint_is_written_atomically(tmp_path):
     run = Run(tmp_path, tmp_path / "runs")
     run.save({"x": torch.ones(2)}, improved=True)
     assert torch.equal(torch.load(run.last, weights_only=True)["x"], torch.ones(2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".written", "best.pt", "last.pt"]

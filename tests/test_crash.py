@@ -13,6 +13,7 @@ from build import make_datasets
 from conftest import ROOT, ndcg_at_10
 from errors import run_script
 from ranking import model_scorer
+from run import Run
 
 # Runs model_train.main(argv) and SIGKILLs itself at the N-th training step or at the N-th
 # torch.save, which it first leaves half-written, as a crash or a power cut would.
@@ -76,19 +77,23 @@ def assert_best_matches_its_score(run: Path) -> None:
     assert ndcg_at_10(model_scorer(model), validation) == best["state"]["best_ndcg"]
 
 
-# saves come two an epoch (best.pt, then last.pt): killed mid-epoch 2 (it resumes from epoch 1),
-# writing epoch 1's last.pt (a best.pt but no last.pt: the run starts afresh) and writing epoch 3's
-# best.pt (epoch 2's last.pt intact: it resumes)
-@pytest.mark.parametrize("kind,at", [("step", 30), ("save", 2), ("save", 5)])
+# saves come two an epoch (last.pt, then best.pt when it improved): killed mid-epoch 2 (it resumes
+# from epoch 1), writing epoch 1's last.pt (nothing saved: the same command starts the run afresh,
+# removing what it wrote and keeping a user's files) and writing epoch 1's best.pt (last.pt intact:
+# it resumes, and restores best.pt from it)
+@pytest.mark.parametrize("kind,at", [("step", 30), ("save", 1), ("save", 2)])
 def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(kind, at, uninterrupted, ml1m_dir, tmp_path):
     killed = subprocess.run([sys.executable, "-c", KILLER, str(ROOT), kind, str(at), *run_args(ml1m_dir, "run")],
                             cwd=tmp_path, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     run = tmp_path / "models" / "run"
+    notes = [run / "notes.txt", tmp_path / "runs" / "run" / "notes.txt"]
+    for note in notes:
+        note.write_text("mine")
     go_on = ["--resume", str(run)] if (run / "last.pt").exists() else run_args(ml1m_dir, "run")
     subprocess.run([sys.executable, str(ROOT / "model_train.py"), *go_on], cwd=tmp_path, check=True,
                    capture_output=True)
-    assert not list(run.glob(".*.tmp"))
+    assert not list(run.glob(".*.tmp")) and all(note.read_text() == "mine" for note in notes)
     assert_same_weights(run / "last.pt", uninterrupted / "last.pt")
     assert_same_weights(run / "best.pt", uninterrupted / "best.pt")
     assert_best_matches_its_score(run)
@@ -149,7 +154,9 @@ def test_a_run_that_a_live_process_trains_cannot_be_started_resumed_or_removed(m
     one_epoch = ["--set", "trainer_config.num_epochs=1"]
     model_train.main(run_args(ml1m_dir, "done") + one_epoch)
     (tmp_path / "models" / "live").mkdir()
-    (tmp_path / "models" / "live" / "config.yaml").write_text("{}")  # no epoch saved yet, as a live run early on
+    live = Run(Path("models/live"), Path("runs/live"))
+    live.wrote(live.config_file)
+    live.config_file.write_text("{}")  # no epoch saved yet, as a live run early on
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCKS, "models/.live.lock", "models/.done.lock"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -166,3 +173,21 @@ def test_a_run_that_a_live_process_trains_cannot_be_started_resumed_or_removed(m
     model_train.main(run_args(ml1m_dir, "live") + one_epoch)  # the killed holder's lock is free: the unsaved run starts afresh
     assert (tmp_path / "models" / "live" / "last.pt").exists()
     assert not (tmp_path / "models" / ".live.lock").exists()  # released when the run ended
+
+
+def test_a_folder_holding_only_best_pt_is_a_finished_run_never_started_afresh(ml1m_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A user who removed the bulky last.pt keeps best.pt: the same command and --resume refuse to
+    touch it (before, it was taken for a run killed before its first epoch and removed)."""
+    monkeypatch.chdir(tmp_path)
+    args = run_args(ml1m_dir, "kept") + ["--set", "trainer_config.num_epochs=1"]
+    model_train.main(args)
+    (tmp_path / "models/kept/last.pt").unlink()
+    best = (tmp_path / "models/kept/best.pt").read_bytes()
+    assert run_script(model_train.main, args) == 2
+    assert "error: models/kept already exists" in capsys.readouterr().err
+    assert run_script(model_train.main, ["--resume", "models/kept/best.pt"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: models/kept holds best.pt but no last.pt, which resuming needs: a finished run whose last.pt was "
+        "removed; evaluate it with python eval.py --checkpoint models/kept")
+    assert (tmp_path / "models/kept/best.pt").read_bytes() == best
