@@ -35,7 +35,34 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this repo (it lacks {', '.join(sorted(missing))}); "
                               "give a best.pt or last.pt written by model_train.py")
+    misfit = misfit_field(checkpoint)
+    if misfit:
+        raise CheckpointError(f"{path} is damaged or not of this repo: {misfit}; give a best.pt or last.pt "
+                              "written by model_train.py")
     return checkpoint
+
+
+# each field's type as model_train.py writes it (the optional ones are a last.pt's, for resuming)
+FIELDS = {"model": dict, "config": dict, "metadata": dict, "state": dict, "optimizer": dict, "schedule": dict,
+          "generator": torch.Tensor}
+STATE = {"epoch": int, "best_ndcg": (int, float), "stale": int}
+
+
+def misfit_field(checkpoint: dict) -> str:
+    """What in a checkpoint is not of the type model_train.py writes ("" when nothing)."""
+    for field, kind in FIELDS.items():
+        if field in checkpoint and not isinstance(checkpoint[field], kind):
+            return f"its {field} is a {type(checkpoint[field]).__name__}"
+    if not all(isinstance(v, torch.Tensor) for v in checkpoint["model"].values()):
+        return "its model holds something other than tensors"
+    for key, kind in STATE.items():
+        if "state" in checkpoint and not isinstance(checkpoint["state"].get(key), kind):
+            return f"its state's {key} is {checkpoint['state'].get(key)!r}"
+    try:
+        DatasetMetadata.from_dict(checkpoint["metadata"])
+    except TypeError as e:
+        return f"its metadata does not fit ({e})"
+    return ""
 
 
 def runs_beside(path: Path) -> str:
@@ -77,16 +104,31 @@ def resume_config(checkpoint: dict, overrides: list[str], source: str) -> tuple[
     return config, changes
 
 
-def model_from_checkpoint(checkpoint: dict) -> tuple[MovieLensTransformer, Config, DatasetMetadata]:
+def model_from_checkpoint(checkpoint: dict, source: str = "the checkpoint"
+                          ) -> tuple[MovieLensTransformer, Config, DatasetMetadata]:
     """The trained model in eval mode on the CPU, its config and its data set's metadata."""
     config = saved_config(checkpoint)
     metadata = DatasetMetadata.from_dict(checkpoint["metadata"])
     model = build_model(config, metadata)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint's weights do not fit its config: {str(e).splitlines()[0]}") from None
+    load_weights(model, checkpoint["model"], source)
     return model.eval(), config, metadata
+
+
+def load_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
+    """A checkpoint's weights into a model built from its config, or a CheckpointError that names
+    the first weight that does not fit, or that holds NaN or infinity (a run that diverged)."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        more = f" and {len(details) - 1} more" if len(details) > 1 else ""
+        raise CheckpointError(f"{source}: its weights do not fit the model its config builds ("
+                              f"{(details or [str(e)])[0].rstrip('.')}{more}); give a checkpoint of this repo's model, "
+                              "unedited") from None
+    broken = [name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} of its weights hold NaN or infinity ({broken[0]} first): "
+                              "the run diverged or the file is damaged; give another checkpoint")
 
 
 def data_for_checkpoint(config: Config, metadata: DatasetMetadata, data_dir: Optional[str] = None) -> MovieLensData:

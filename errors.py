@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -41,8 +42,31 @@ class Interrupted(UserError):
     label, exit_code = "interrupted", 130
 
 
+def out_of_memory(error: BaseException, device: object, remedy: str) -> Optional[UserError]:
+    """The one line for an allocation that failed (CUDA's torch.OutOfMemoryError, the CPU
+    allocator's RuntimeError, numpy's MemoryError), with the size it asked for; None for any
+    other error."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or isinstance(error, RuntimeError) and
+            ("can't allocate memory" in text or "out of memory" in text)):
+        return None
+    size = re.search(r"allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", text, re.IGNORECASE)
+    asked = f" (it asked for {size.group(1)} more)" if size else ""
+    return UserError(f"out of memory on {device}{asked}; {remedy}")
+
+
 def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def quiet_while_loading() -> None:
+    """Ctrl-C or kill while a script loads its libraries (torch alone takes seconds) ends it with
+    one line and status 130 instead of an import's traceback; run_script then takes over."""
+    def stop(signum: int, frame: object) -> None:
+        print("interrupted", file=sys.stderr, flush=True)
+        os._exit(Interrupted.exit_code)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def wait_for_rank_0_to_say_it(seconds: float = 60.0) -> None:
@@ -67,6 +91,7 @@ def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[lis
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MOVIELENS_DEBUG") == "1"
     previous, previous_hook = signal.signal(signal.SIGTERM, interrupt), threading.excepthook
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.excepthook = quiet_kept_thread_errors
     try:
         main(argv)
@@ -79,11 +104,14 @@ def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[lis
         if debug:
             raise
         if os.environ.get("RANK", "0") != "0":
+            if isinstance(e, Interrupted):  # the signal reached every process: rank 0 says what was kept
+                return e.exit_code
             wait_for_rank_0_to_say_it()
         print(f"{e.label}: {e}", file=sys.stderr)
         return e.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         threading.excepthook = previous_hook
     return 0
 

@@ -12,6 +12,9 @@ that JSON: --against, --buckets and --penalty-sweep keep each other's results.
 """
 from __future__ import annotations
 
+import errors  # before the libraries: Ctrl-C while they load is one line
+errors.quiet_while_loading()
+
 import argparse
 import json
 import sys
@@ -25,7 +28,7 @@ from build import make_datasets, pick_device
 from checkpoint import check_same_data, data_for_checkpoint, load_checkpoint, model_from_checkpoint
 from config import DEFAULT_CONFIG, load_config
 from data import EXCLUDE, load_movielens, with_context
-from errors import UserError, argument_parser, run_script
+from errors import UserError, argument_parser, out_of_memory, run_script
 from files import atomic_write, refuse_to_overwrite
 from plots import plot_penalty_sweep, plot_results
 from predictions import read_lists, write_lists
@@ -42,8 +45,15 @@ Ranked = dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]  # scorer -> (ra
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
-    """Load, rank, summarize, print, write: eval.py's stages."""
     args = parse_arguments(argv)
+    try:
+        return evaluate(args)
+    except (RuntimeError, MemoryError) as e:
+        raise out_of_memory(e, pick_device(args.device), f"lower --batch-size ({args.batch_size})") or e from None
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Load, rank, summarize, print, write: eval.py's stages."""
     model, config, data = load_inputs(args)
     check_outputs(args, config, data.metadata)
     dataset = make_datasets(config, data)[args.subset].to(pick_device(args.device))
@@ -125,7 +135,7 @@ def parse_arguments(argv: Optional[list[str]]) -> argparse.Namespace:
 def load_inputs(args: argparse.Namespace):
     """(the checkpoint's model or None, the config that defines the targets, the data)."""
     if args.checkpoint:
-        model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
+        model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint), str(args.checkpoint))
         return model, config, data_for_checkpoint(config, metadata, args.data_dir)
     config = load_config(args.config, [f"trainer_config.data_dir={args.data_dir}"] if args.data_dir else [])
     tc = config.trainer_config
@@ -354,7 +364,7 @@ def ranks_of_report(path: Path, dataset, subset: str, exclude: str) -> torch.Ten
 
 def other_checkpoint_scorer(path: Path, dataset, data, data_dir: str) -> Scorer:
     """The scorer of another checkpoint's model on the same targets (its own context length)."""
-    other, other_config, other_metadata = model_from_checkpoint(load_checkpoint(checkpoint_of(path)))
+    other, other_config, other_metadata = model_from_checkpoint(load_checkpoint(checkpoint_of(path)), str(checkpoint_of(path)))
     check_same_data(other_metadata, dataset.metadata, f"--against {path}", data_dir)
     theirs = make_datasets(other_config, data)[dataset.subset].to(dataset.device)
     same_targets = torch.equal(theirs.target_tokens, dataset.target_tokens)

@@ -29,6 +29,9 @@ after another: benchmarks/README.md.)
 """
 from __future__ import annotations
 
+import errors  # before the libraries: Ctrl-C while they load is one line
+errors.quiet_while_loading()
+
 import argparse
 import csv
 import json

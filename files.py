@@ -39,9 +39,13 @@ def atomic_write(path: Path, write: Callable[[Path], object],
     the old content or the new, never part of it. The temporary is named by the process, so that
     two processes writing one file (torchrun's ranks, two evals) never share it, and created
     anew, so that a file or symlink already at its name is never written through; a failed
-    write leaves none behind. A full disk or read-only folder is a UserError."""
+    write leaves none behind, and those of killed processes go at the next write. A full disk or
+    read-only folder is a UserError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    for left in path.parent.glob(f".{path.name}.*.tmp"):  # by processes killed while they wrote path
+        if not alive(left.name.removeprefix(f".{path.name}.").removesuffix(".tmp")):
+            discard(left)
     try:
         discard(tmp)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -53,6 +57,19 @@ def atomic_write(path: Path, write: Callable[[Path], object],
     except BaseException:
         discard(tmp)
         raise
+
+
+def alive(pid: str) -> bool:
+    """Whether the process `pid` runs (a name that is no process id counts as alive: kept)."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's
+        return True
+    return True
 
 
 def discard(path: Path) -> None:

@@ -9,8 +9,10 @@ better NDCG@10. `--resume models/<run>` continues a run at its next epoch.
 """
 from __future__ import annotations
 
+import errors  # before the libraries: Ctrl-C while they load is one line
+errors.quiet_while_loading()
+
 import math
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,11 +26,11 @@ from tqdm import tqdm
 
 from beyond_accuracy import coverage
 from build import build_model, make_datasets
-from checkpoint import check_same_data, load_checkpoint, resume_config
+from checkpoint import check_same_data, load_checkpoint, load_weights, resume_config
 from config import DEFAULT_CONFIG, Config, TrainerConfig, flat_settings, load_config
 from data import DatasetMetadata, MovieLensData, MovieLensSequenceDataset
 from distributed import Group, exit_process, gather, on_main, start, stop, sum_over_processes, wait_for_all
-from errors import Interrupted, UserError, argument_parser, run_script
+from errors import Interrupted, UserError, argument_parser, out_of_memory, run_script
 from files import write_error
 from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
@@ -106,13 +108,9 @@ def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLen
         train_on(config, group, device, run, resume is not None, data)
         wait_for_all(group)
         return run.folder
-    except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, a RuntimeError from the CPU's allocator
-        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
-            size = re.search(r"allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)", str(e), re.IGNORECASE)
-            asked = f" (it asked for {size.group(1)} more)" if size else ""
-            raise UserError(f"out of memory on {device}{asked}; lower trainer_config.batch_size ({tc.batch_size}) "
-                            f"or eval_batch_size ({tc.eval_batch_size}), or the model's sizes") from None
-        raise
+    except (RuntimeError, MemoryError) as e:
+        raise out_of_memory(e, device, f"lower trainer_config.batch_size ({tc.batch_size}) or eval_batch_size "
+                                       f"({tc.eval_batch_size}), or the model's sizes") or e from None
     except OSError as e:  # a write the checkpoints' own checks do not see: TensorBoard's event files
         raise write_error(Path(e.filename or Path(tc.tensorboard_dir) / str(tc.run_name)), e) from None
     finally:
@@ -158,7 +156,7 @@ def resume_from(trainer: Trainer, run: Run, tc: TrainerConfig) -> dict:
     """Load the run's last checkpoint into the trainer; its state (epoch, best NDCG@10, stale evaluations)."""
     checkpoint = load_checkpoint(run.last)
     check_same_data(DatasetMetadata.from_dict(checkpoint["metadata"]), trainer.metadata, str(run.last), tc.data_dir)
-    trainer.model.load_state_dict(checkpoint["model"])
+    load_weights(trainer.model, checkpoint["model"], str(run.last))
     resume_optimizer(trainer.optimizer, trainer.schedule, checkpoint, tc)
     trainer.generator.set_state(checkpoint["generator"])
     return checkpoint["state"]

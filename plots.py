@@ -14,7 +14,9 @@ from typing import Optional
 
 import imageio.v3 as iio
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+from loguru import logger
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Patch
 from matplotlib.ticker import MaxNLocator
@@ -140,6 +142,18 @@ def ink(colour: str) -> str:
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.55 else "white"
 
 
+def read_poster(path: Path) -> Optional[np.ndarray]:
+    """The poster at path; None where there is none, or where it cannot be read (a damaged or
+    mislabelled file: a warning names it, and its card is drawn without it)."""
+    if not path.is_file():
+        return None
+    try:
+        return iio.imread(path, plugin="pillow")
+    except Exception as e:  # imageio reports a bad image as one of several error types
+        logger.warning(f"cannot read the poster {path} ({type(e).__name__}): its card is drawn without it")
+        return None
+
+
 def _draw_card(ax, metadata: DatasetMetadata, token: int, posters: Path, border: str,
                width: float) -> Optional[str]:
     """One movie's card: its poster, else a card coloured by its first genre; returns that genre
@@ -153,8 +167,9 @@ def _draw_card(ax, metadata: DatasetMetadata, token: int, posters: Path, border:
     for spine in ax.spines.values():
         spine.set_edgecolor(border)
         spine.set_linewidth(width)
-    if poster.is_file():
-        ax.imshow(iio.imread(poster))
+    image = read_poster(poster)
+    if image is not None:
+        ax.imshow(image)
         return None
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.5)

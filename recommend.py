@@ -11,6 +11,9 @@ the movie's ratings), as eval.py's does.
 """
 from __future__ import annotations
 
+import errors  # before the libraries: Ctrl-C while they load is one line
+errors.quiet_while_loading()
+
 import math
 import sys
 from datetime import datetime, timezone
@@ -142,7 +145,7 @@ def parse_arguments(argv: Optional[list[str]]):
 
 def main(argv: Optional[list[str]] = None) -> list[tuple[int, str, str, float]]:
     args = parse_arguments(argv)
-    model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    model, config, metadata = model_from_checkpoint(load_checkpoint(args.checkpoint), str(args.checkpoint))
     inputs = inputs_of(args.checkpoint, args.data_dir or config.trainer_config.data_dir)
     refuse_to_overwrite(args.png, "--png", inputs)
     refuse_to_overwrite(args.out, "--out", inputs)

@@ -46,7 +46,7 @@ class Format:
     separator: str                   # of the users and movies files ("," : CSV with quoting)
     ratings_header: Optional[str]    # the ratings file's first line, where it has one
     movies_header: Optional[str]
-    movies_encoding: Optional[str]   # None: UTF-8 where the file decodes as such, else ISO-8859-1
+    movies_encoding: Optional[str]   # of the lines that are not UTF-8 (read_text); None: ISO-8859-1
     genre_flags: bool                # genres as ML-100K's 19 0/1 columns, not "A|B" names
     half_stars: bool                 # ratings in half stars from 0.5
     star_format: str                 # how the ratings file writes a star (4; 3.5 and 4; 4.0)
@@ -206,22 +206,31 @@ def ensure_movielens(data_dir: str | Path) -> Path:
 # ----------------------------------------------------------------------------- readers
 
 def read_text(path: Path, encoding: Optional[str] = None) -> str:
-    """A file's text in `encoding`; None: UTF-8 where it decodes (the newer releases), else ISO-8859-1."""
+    """A file's text: UTF-8 where the whole file decodes (the newer releases), else line by line,
+    each line as UTF-8 where it decodes and as `encoding` (default ISO-8859-1, the older releases')
+    where not, so that a title pasted in UTF-8 into an older file keeps its accents."""
     raw = path.read_bytes()
-    if encoding:
-        return raw.decode(encoding)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode("ISO-8859-1")
+        return "".join(decode_line(line, encoding or "ISO-8859-1") for line in raw.splitlines(keepends=True))
+
+
+def decode_line(line: bytes, encoding: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line.decode(encoding)
 
 
 def split_lines(path: Path, sep: str, n_fields: int, int_fields: tuple[int, ...], encoding: Optional[str] = None,
                 float_fields: tuple[int, ...] = (), skip: int = 0) -> list[list]:
     """Parse a small delimited file line by line (after `skip` header lines), with errors that
     name file and line."""
-    rows = []
-    for number, line in enumerate(read_text(path, encoding).splitlines()[skip:], 1 + skip):
+    rows, lines = [], read_text(path, encoding).splitlines()
+    while lines and not lines[-1]:  # blank lines at the end, which pandas' readers skip too
+        lines.pop()
+    for number, line in enumerate(lines[skip:], 1 + skip):
         fields = line.split(sep)
         if len(fields) != n_fields:
             raise MovieLensFormatError(f"{path}, line {number}: expected {n_fields} fields "
@@ -234,6 +243,17 @@ def split_lines(path: Path, sep: str, n_fields: int, int_fields: tuple[int, ...]
                                            f"{fields[i]!r} is not {'an integer' if kind is int else 'a number'}") from None
         rows.append(fields)
     return rows
+
+
+def without_blank_tail(frame: pd.DataFrame) -> pd.DataFrame:
+    """A ratings frame less the empty rows that blank lines at the end of its file leave (pandas'
+    readers skip them too); columns the blanks alone made float are integers again."""
+    blank = frame.isna().all(axis=1).to_numpy()
+    if not blank[-1:].any():
+        return frame
+    frame = frame.iloc[:len(blank) - int(np.argmin(blank[::-1])) if not blank.all() else 0]
+    whole = [c for c in frame.columns if frame[c].dtype.kind == "f" and (frame[c] % 1 == 0).all()]
+    return frame.astype({c: np.int64 for c in whole})
 
 
 def _parse_ratings(path: Path, sep: str, header: Optional[str]) -> pd.DataFrame:
@@ -252,6 +272,7 @@ def _parse_ratings(path: Path, sep: str, header: Optional[str]) -> pd.DataFrame:
         if frame.shape[1] != 4:
             raise ValueError
     frame.columns = RATING_COLUMNS
+    frame = without_blank_tail(frame)
     ids = ["user_id", "movie_id", "timestamp"]
     if not all(pd.api.types.is_integer_dtype(frame[c]) for c in ids) or not pd.api.types.is_numeric_dtype(frame.rating):
         raise ValueError

@@ -177,3 +177,16 @@ def test_checkpoint_is_written_atomically(tmp_path):
     run.save({"x": torch.ones(2)}, improved=True)
     assert torch.equal(torch.load(run.last, weights_only=True)["x"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".written", "best.pt", "last.pt"]
+
+
+@pytest.mark.parametrize("script", ["model_train.py", "eval.py", "recommend.py", "experiments.py"])
+def test_ctrl_c_while_a_script_loads_is_one_line(script, tmp_path):
+    """Ctrl-C in the seconds a script spends importing torch ended in an import's traceback."""
+    import signal
+    import time
+    process = subprocess.Popen([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and err == "interrupted\n", (process.returncode, err)

@@ -179,3 +179,19 @@ def test_a_cache_that_cannot_be_written_is_a_warning_and_leaves_nothing(tmp_path
         logger.remove(sink)
     assert any("going on without the cache" in w for w in warnings)
     assert not list(folder.glob("*.tmp"))
+
+
+def test_a_cache_write_that_was_killed_leaves_no_temporary_for_good(tmp_path):
+    """A process killed while it wrote the cache left `.movielens_cache.pt.<pid>.tmp` in the data
+    folder for good; the next write removes it, and keeps a live writer's."""
+    import os
+    import subprocess
+    import sys
+    folder = write_ml1m(tmp_path / "ml-1m", num_users=20, num_movies=30)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    killed, live = (folder / f".{data.CACHE_NAME}.{pid}.tmp" for pid in (ended.pid, os.getppid()))
+    killed.write_bytes(b"half a cache")
+    live.write_bytes(b"being written")
+    data.load_movielens(folder)
+    assert not killed.exists() and live.exists() and (folder / data.CACHE_NAME).is_file()

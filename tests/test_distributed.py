@@ -109,3 +109,23 @@ def test_a_config_error_under_torchrun_is_said_once(even_data, tmp_path):
     said = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and said == ["error: trainer_config.num_epochs is 0 (from --set); it must be "
                                                "at least 1"], result.stderr[-2000:]
+
+
+def test_sigterm_to_torchrun_ends_every_process_at_once(even_data, tmp_path):
+    """kill (a job scheduler's SIGTERM) reaches every rank: rank 0 says what is kept and the others
+    end at once (they waited for torchrun's kill 30 s later)."""
+    import signal
+    import time
+    args = [f"trainer_config.data_dir={even_data}", "trainer_config.cache=false", "trainer_config.compile=false",
+            "trainer_config.num_epochs=500", "trainer_config.patience=null", "trainer_config.batch_size=64",
+            "trainer_config.run_name=run"]
+    process = subprocess.Popen([*TORCHRUN, str(ROOT / "model_train.py"), *(a for p in args for a in ("--set", p))],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "models" / "run" / "last.pt").exists() and process.poll() is None:
+        time.sleep(0.1)
+    sent = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=60)[1]
+    assert time.perf_counter() - sent < 10, err[-2000:]
+    assert re.search(r"interrupted: the run stopped during epoch \d+, whose progress is discarded; epoch \d+ is "
+                     r"saved; python model_train.py --resume models/run continues", err), err[-2000:]

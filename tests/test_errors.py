@@ -330,6 +330,14 @@ def test_running_out_of_memory_is_one_line_naming_the_batch_sizes(workdir, ml1m_
     assert not Path("models/r").exists()
 
 
+def test_eval_running_out_of_memory_is_one_line_naming_its_batch_size(checkpoint, monkeypatch, capsys):
+    def too_big(*args, **kwargs):
+        torch.empty(10**14)  # what the allocator says when the scores of a batch do not fit
+    monkeypatch.setattr(evaluation, "rank_every_scorer", too_big)
+    err = one_line_error(capsys, evaluation.main, ["--checkpoint", str(checkpoint), "--batch-size", "512"])
+    assert err == "error: out of memory on cpu (it asked for 400000000000000 bytes more); lower --batch-size (512)"
+
+
 def test_two_runs_of_one_name_never_share_a_tensorboard_folder(workdir, ml1m_dir, capsys):
     model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
                           "trainer_config.run_name=same", "trainer_config.model_dir=a"))
@@ -493,3 +501,35 @@ def test_outputs_never_overwrite_the_checkpoint_the_run_or_the_data(checkpoint, 
     extra = ["--user", "1"] if script is recommend else []
     err = one_line_error(capsys, script.main, ["--checkpoint", str(checkpoint), option, str(output), *extra])
     assert f"{option} {output} would overwrite" in err and output.read_bytes() == before
+
+
+def edited(checkpoint: dict, edit: str) -> dict:
+    """A checkpoint edited as a damaged file or a wrong one would be."""
+    if edit == "another architecture":
+        checkpoint["config"]["model_config"]["transformer_config"]["embedding_dimension"] = 8
+    elif edit == "a state of the wrong type":
+        checkpoint["state"] = "epoch 1"
+    elif edit == "metadata of the wrong fields":
+        checkpoint["metadata"] = {"movies": []}
+    else:  # NaN weights: a run that diverged
+        checkpoint["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v
+                               for k, v in checkpoint["model"].items()}
+    return checkpoint
+
+
+@pytest.mark.parametrize("edit,message", [
+    ("another architecture", "its weights do not fit the model its config builds (size mismatch for "),
+    ("a state of the wrong type", "is damaged or not of this repo: its state is a str"),
+    ("metadata of the wrong fields", "is damaged or not of this repo: its metadata does not fit"),
+    ("NaN weights", "of its weights hold NaN or infinity")])
+def test_a_wrong_or_damaged_checkpoint_is_one_line_in_every_script(finished_run, capsys, edit, message):
+    """eval, recommend and --resume each name the checkpoint and what is wrong with it (--resume
+    ended in size-mismatch and AttributeError tracebacks; eval scored NaN weights 0.0000 and
+    recommend printed 'p nan')."""
+    last = finished_run / "last.pt"
+    torch.save(edited(torch.load(last, weights_only=True), edit), last)
+    for main, argv in ((evaluation.main, ["--checkpoint", str(last)]),
+                       (recommend.main, ["--checkpoint", str(last), "--user", "1"]),
+                       (model_train.main, ["--resume", str(finished_run), "--set", "trainer_config.num_epochs=2"])):
+        err = one_line_error(capsys, main, argv)
+        assert err.startswith(f"error: {last}") and message in err, err

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -41,6 +42,24 @@ def test_recommend_prints_unseen_movies_and_draws_cards(checkpoint, tmp_path, ca
     assert [score for *_, score in top] == sorted((score for *_, score in top), reverse=True)
     assert 0 < sum(p for *_, p in top) <= 1 and "p: the model's probability" in out and f"wrote {png}" in out
     assert "  1 star  " in out and "1 stars" not in out  # the synthetic history holds 1-star ratings
+
+
+def test_a_poster_that_cannot_be_read_is_skipped_with_a_warning(checkpoint, tmp_path, monkeypatch):
+    from loguru import logger
+    monkeypatch.chdir(tmp_path)
+    _, _, metadata = model_from_checkpoint(load_checkpoint(checkpoint))
+    Path("data/posters").mkdir(parents=True)
+    for movie_id in metadata.movie_ids:
+        Path(f"data/posters/{movie_id}.jpg").write_bytes(b"<html>not found</html>")  # what a failed download saves
+    warnings = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        recommend.main(["--checkpoint", str(checkpoint), "--user", "5", "-k", "3", "--png", "cards.png"])
+    finally:
+        logger.remove(sink)
+    assert Path("cards.png").stat().st_size > 1000 and warnings
+    assert all(w.startswith("cannot read the poster data/posters/") and w.endswith("drawn without it")
+               for w in warnings)
 
 
 def test_unknown_user_is_a_clear_error(checkpoint):

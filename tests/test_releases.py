@@ -46,6 +46,27 @@ def test_each_format_reads_back_what_was_written(fmt, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", list(releases.FORMATS))
+def test_blank_lines_at_the_end_of_each_file_are_skipped(fmt, tmp_path):
+    """As pandas and the other readers skip them (a ratings.dat that ends in a blank line was refused)."""
+    folder = write_movielens(tmp_path / fmt, fmt, **SIZE)
+    clean = releases.read_movielens(folder)
+    for f in releases.FORMATS[fmt].files:
+        with open(folder / f, "a") as file:
+            file.write("\n\n")
+    for before, after in zip(clean[1:], releases.read_movielens(folder)[1:]):
+        assert after.dtypes.tolist() == before.dtypes.tolist() and after.equals(before)
+
+
+def test_a_utf8_title_in_a_latin1_movies_file_keeps_its_accents(tmp_path):
+    folder = write_ml1m(tmp_path / "ml-1m", num_users=3, num_movies=3)
+    lines = (folder / "movies.dat").read_bytes().splitlines(keepends=True)
+    lines[1] = "10::Amélie (2001)::Comedy\n".encode("utf-8")  # the second movie, retitled
+    (folder / "movies.dat").write_bytes(b"".join(lines))
+    titles = releases.read_movielens(folder)[2].title.tolist()
+    assert titles[1] == "Amélie (2001)" and "é" in titles[0]  # the Latin-1 lines as before
+
+
+@pytest.mark.parametrize("fmt", list(releases.FORMATS))
 def test_each_format_is_ordered_by_time_then_line(fmt, tmp_path):
     folder = write_movielens(tmp_path / fmt, fmt, **SIZE)
     movielens = data.load_movielens(folder, cache=False)
