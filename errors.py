@@ -65,7 +65,8 @@ def quiet_while_loading() -> None:
     def stop(signum: int, frame: object) -> None:
         print("interrupted", file=sys.stderr, flush=True)
         os._exit(Interrupted.exit_code)
-    signal.signal(signal.SIGINT, stop)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job (nohup ... &) ignores it
+        signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
 
@@ -91,7 +92,9 @@ def run_script(main: Callable[[Optional[list[str]]], object], argv: Optional[lis
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MOVIELENS_DEBUG") == "1"
     previous, previous_hook = signal.signal(signal.SIGTERM, interrupt), threading.excepthook
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.excepthook = quiet_kept_thread_errors
     try:
         main(argv)

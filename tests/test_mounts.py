@@ -99,7 +99,7 @@ for size in {sizes!r}:
 def test_read_only_data_and_run_folders(namespace, ml1m_dir, tmp_path):
     """A read-only data folder: training, eval and recommend run without the cache (one warning).
     A read-only run folder: eval prints its tables and says the report is not saved."""
-    shutil.copytree(ml1m_dir, tmp_path / "data")
+    shutil.copytree(ml1m_dir, tmp_path / "data", ignore=shutil.ignore_patterns(".movielens_cache*"))
     (r,) = namespace(f"""
 mount("--bind", "data", "data"); mount("-o", "remount,bind,ro", "data")
 train = script(model_train.main, sets(*{FAST!r}, "trainer_config.data_dir=data", "trainer_config.num_epochs=1"))

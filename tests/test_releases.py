@@ -57,13 +57,18 @@ def test_blank_lines_at_the_end_of_each_file_are_skipped(fmt, tmp_path):
         assert after.dtypes.tolist() == before.dtypes.tolist() and after.equals(before)
 
 
-def test_a_utf8_title_in_a_latin1_movies_file_keeps_its_accents(tmp_path):
-    folder = write_ml1m(tmp_path / "ml-1m", num_users=3, num_movies=3)
-    lines = (folder / "movies.dat").read_bytes().splitlines(keepends=True)
-    lines[1] = "10::Amélie (2001)::Comedy\n".encode("utf-8")  # the second movie, retitled
-    (folder / "movies.dat").write_bytes(b"".join(lines))
+@pytest.mark.parametrize("fmt", ["ml-1m", "csv"])
+def test_a_utf8_title_in_a_latin1_movies_file_keeps_its_accents(fmt, tmp_path):
+    folder = write_movielens(tmp_path / fmt, fmt, **SIZE)
+    path = folder / releases.FORMATS[fmt].movies
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    first = 1 if fmt == "csv" else 0  # below the header
+    latin1, utf8 = (lines[first].replace(",", ",Café ", 1).replace("::", "::Café ", 1).encode("ISO-8859-1"),
+                    lines[first + 1].replace(",", ",Amélie ", 1).replace("::", "::Amélie ", 1).encode("utf-8"))
+    path.write_bytes(b"".join([*(l.encode() for l in lines[:first]), latin1, utf8,
+                               *(l.encode() for l in lines[first + 2:])]))
     titles = releases.read_movielens(folder)[2].title.tolist()
-    assert titles[1] == "Amélie (2001)" and "é" in titles[0]  # the Latin-1 lines as before
+    assert titles[0].startswith("Café ") and titles[1].startswith("Amélie "), titles[:2]
 
 
 @pytest.mark.parametrize("fmt", list(releases.FORMATS))
