@@ -30,7 +30,6 @@ from config import DEFAULT_CONFIG, load_config
 from data import EXCLUDE, load_movielens, with_context
 from errors import UserError, argument_parser, out_of_memory, run_script
 from files import atomic_write, refuse_to_overwrite
-from plots import plot_penalty_sweep, plot_results
 from predictions import read_lists, write_lists
 from ranking import (HEADLINE, METRICS, Scorer, bootstrap_intervals, constant_scorer, grouped_metrics, grouped_table,
                      liked_targets, markdown_table, metrics_table, model_scorer, paired_difference, penalized,
@@ -303,6 +302,8 @@ def write_report(args: argparse.Namespace, report: dict, config, dataset, ranks:
     system's rank of each target (for a later --against), each file named on a `wrote` line."""
     if args.save_predictions:
         print(f"wrote {args.save_predictions} (the model's top {max(args.ks)} per user)")
+    if args.plot or args.sweep_plot:
+        from plots import plot_penalty_sweep, plot_results  # here: matplotlib's second of loading only when drawn
     if args.plot:
         plot_results(report["results"], args.ks, args.plot)
         print(f"wrote {args.plot}")

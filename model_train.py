@@ -32,7 +32,6 @@ from data import DatasetMetadata, MovieLensData, MovieLensSequenceDataset
 from distributed import Group, exit_process, gather, on_main, start, stop, sum_over_processes, wait_for_all
 from errors import Interrupted, UserError, argument_parser, out_of_memory, run_script
 from files import write_error
-from plots import plot_training_curves
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
 from run import (EPOCH_SECONDS, LEARNING_RATE, PEAK_GPU_MB, STEP_LOSS, THROUGHPUT, TRAIN_LOSS, VALIDATION_LOSS,
                  VALIDATION_NDCG, Run, finished, last_checkpoint, run_folder_of, validation_tag)
@@ -259,6 +258,7 @@ def save_epoch(trainer: Trainer, config: Config, run: Run, writer: SummaryWriter
 
 def write_end(run: Run, config: Config, state: dict) -> None:
     """The run's settings and result in TensorBoard's HParams view, then its curves.png."""
+    from plots import plot_training_curves  # here: matplotlib's second of loading only when drawn
     with run.writer() as writer:
         run.write_end(writer, flat_settings(asdict(config)), state["best_ndcg"], plot_training_curves)
 

@@ -26,7 +26,6 @@ from checkpoint import data_for_checkpoint, load_checkpoint, model_from_checkpoi
 from data import DatasetMetadata, MovieLensData, latest_windows, seen_mask
 from errors import UserError, argument_parser, run_script
 from files import refuse_to_overwrite
-from plots import CardRow, draw_cards
 from predictions import write_lists
 from ranking import model_scorer
 from run import checkpoint_of, inputs_of
@@ -186,6 +185,7 @@ def recommend_one(args, model, data: MovieLensData, token: int, at: Optional[int
         print(f"  {rank:>2}. {metadata.movie_ids[movie]:>6}  {metadata.titles[movie]}  "
               f"[{metadata.genres[movie]}]  p {score:.3f}")
     if args.png:
+        from plots import CardRow, draw_cards  # here: matplotlib's second of loading only when drawn
         draw_cards([CardRow(f"user {args.user}", recent, tokens[0].tolist())], metadata, path=args.png)
         print(f"wrote {args.png}")
     return result

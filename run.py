@@ -16,17 +16,18 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import pandas as pd
 import yaml
 from loguru import logger
-from tbparse import SummaryReader
-from torch.utils.tensorboard import SummaryWriter
 
 from checkpoint import load_checkpoint, saved_config
 from errors import UserError
 from files import atomic_write, take_lock, torch_save, write_error
+
+if TYPE_CHECKING:  # TensorBoard and tbparse load when a run writes or reads them: eval.py needs neither
+    from torch.utils.tensorboard import SummaryWriter
 
 # TensorBoard's tags: a scalar per epoch, and the training loss every log_every steps
 TRAIN_LOSS, VALIDATION_LOSS, STEP_LOSS = "loss/train", "loss/validation", "loss/train_step"
@@ -168,6 +169,7 @@ class Run:
     def writer(self) -> SummaryWriter:
         """TensorBoard's writer, its event files recorded first by the pattern of their names (the
         host and process that write them)."""
+        from torch.utils.tensorboard import SummaryWriter
         self.wrote(self.log_dir / f"events.out.tfevents.*.{socket.gethostname()}.{os.getpid()}.*")
         return SummaryWriter(str(self.log_dir))
 
@@ -211,6 +213,7 @@ class Run:
 
     def scalars(self) -> pd.DataFrame:
         """Every scalar TensorBoard holds for the run: columns step, tag, value."""
+        from tbparse import SummaryReader
         return SummaryReader(str(self.log_dir)).scalars
 
     def complete(self) -> bool:

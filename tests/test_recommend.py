@@ -22,7 +22,7 @@ def checkpoint(ml1m_dir, tmp_path_factory):
     config = load_config(overrides=[
         f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=1",
         f"trainer_config.model_dir={folder / 'models'}", f"trainer_config.tensorboard_dir={folder / 'runs'}",
-        "trainer_config.run_name=rec", *SMALL_MODEL])
+        "trainer_config.run_name=rec", "trainer_config.compile=false", *SMALL_MODEL])
     run = model_train.train(config)
     assert (run / "curves.png").stat().st_size > 1000  # the training curves, read back with tbparse
     coverage = Run(run, folder / "runs" / "rec").scalars().query(f"tag == '{validation_tag('coverage@10')}'")
