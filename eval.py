@@ -365,7 +365,8 @@ def ranks_of_report(path: Path, dataset, subset: str, exclude: str) -> torch.Ten
 
 def other_checkpoint_scorer(path: Path, dataset, data, data_dir: str) -> Scorer:
     """The scorer of another checkpoint's model on the same targets (its own context length)."""
-    other, other_config, other_metadata = model_from_checkpoint(load_checkpoint(checkpoint_of(path)), str(checkpoint_of(path)))
+    checkpoint = checkpoint_of(path)
+    other, other_config, other_metadata = model_from_checkpoint(load_checkpoint(checkpoint), str(checkpoint))
     check_same_data(other_metadata, dataset.metadata, f"--against {path}", data_dir)
     theirs = make_datasets(other_config, data)[dataset.subset].to(dataset.device)
     same_targets = torch.equal(theirs.target_tokens, dataset.target_tokens)

@@ -133,13 +133,16 @@ def training_command(config: Path, run: Run, sets: list[str]) -> Optional[list[s
     return ["model_train.py", "--config", str(config), *(a for s in sets for a in ("--set", s))]
 
 
-def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Path) -> dict:
-    """Train one variant at one seed (unless it finished before), evaluate its best.pt once."""
+def one_run(config: Path, overrides: list[str], variant: str, seed: int, out: Path,
+            against: Optional[Path] = None) -> dict:
+    """Train one variant at one seed (unless it finished before), evaluate its best.pt once (paired
+    with the test report `against` already where there is one, so that --against needs no second
+    evaluation of the test targets)."""
     run, sets = run_settings(overrides, variant, seed, out)
     command = training_command(config, run, sets)
     if command is not None:
         run_child(command, f"training {run.name}")
-    test = report_of(run, "test")
+    test = report_of(run, "test", against if against is not None and against.exists() else None)
     checkpoint = load_checkpoint(run.best)
     best = checkpoint["state"]
     scalars = run.scalars()
@@ -273,7 +276,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         {"config": str(args.config), "overrides": args.overrides, "grid": grid}, sort_keys=False)))
     rows = []
     for variant, seed, overrides in runs:
-        rows.append(one_run(args.config.resolve(), overrides, variant, seed, out))
+        base = run_settings([], args.against, seed, out)[0].report("test") if args.against not in (None, variant) else None
+        rows.append(one_run(args.config.resolve(), overrides, variant, seed, out, base))
         write_tables(out, rows)
         print(f"{variant} seed {seed}: validation NDCG@10 {rows[-1]['validation_ndcg@10']:.4f}, "
               f"test NDCG@10 {rows[-1]['test_ndcg@10']:.4f}", flush=True)

@@ -4,9 +4,10 @@ A run named <run> has two folders: `model_dir/<run>` holds `config.yaml`, the ch
 `best.pt` (by validation NDCG@10) and `last.pt`, `curves.png` and eval.py's `eval_*.json` reports;
 `tensorboard_dir/<run>` holds TensorBoard's event files, written under the tags below. The run
 lists each file it writes in `.written`, so that restarting a run killed before its first
-checkpoint removes those and nothing a user put beside them. While a process trains it, the run's lock file `model_dir/.<run>.lock` keeps any other from training,
-resuming or removing it. A run is finished when its last checkpoint leaves nothing to train
-(`finished`) and its end (HParams, curves.png) is written (`complete`).
+checkpoint removes those and nothing a user put beside them. While a process trains it, the
+run's lock file `model_dir/.<run>.lock` keeps any other from training, resuming or removing it.
+A run is finished when its last checkpoint leaves nothing to train (`finished`) and its end
+(HParams, curves.png) is written (`complete`).
 """
 from __future__ import annotations
 

@@ -60,7 +60,8 @@ def test_two_processes_at_batch_b_step_as_one_at_batch_2b(even_data, two_at_256,
     # Adam turns float noise in near-zero gradients (the key bias) into steps of up to ~1e-5
     assert all(torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=5e-5) for k in a["model"])
     # rank 0 alone wrote: one TensorBoard folder, one set of checkpoints
-    assert sorted(p.name for p in two_at_256.iterdir()) == [".written", "best.pt", "config.yaml", "curves.png", "last.pt"]
+    assert sorted(p.name for p in two_at_256.iterdir()) == [".written", "best.pt", "config.yaml", "curves.png",
+                                                            "last.pt"]
     writers = {f.name.split(".")[-2] for f in (two_at_256.parents[1] / "runs" / "run").iterdir()}  # events...<pid>.<n>
     assert len(writers) == 1
 
