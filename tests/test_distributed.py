@@ -124,10 +124,15 @@ def test_sigterm_to_torchrun_ends_every_process_at_once(even_data, tmp_path):
             "trainer_config.run_name=run"]
     process = subprocess.Popen([*TORCHRUN, str(ROOT / "model_train.py"), *(a for p in args for a in ("--set", p))],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (tmp_path / "models" / "run" / "last.pt").exists() and process.poll() is None:
-        time.sleep(0.1)
-    sent = time.perf_counter()
-    process.send_signal(signal.SIGTERM)
-    err = process.communicate(timeout=60)[1]
+    try:
+        deadline = time.perf_counter() + 180
+        while not (tmp_path / "models" / "run" / "last.pt").exists() and process.poll() is None:
+            assert time.perf_counter() < deadline, "no epoch saved in 3 minutes"
+            time.sleep(0.1)
+        sent = time.perf_counter()
+        process.send_signal(signal.SIGTERM)
+        err = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()  # a no-op once it has ended
     assert time.perf_counter() - sent < 10, err[-2000:]
     assert load_checkpoint(tmp_path / "models" / "run" / "last.pt")["state"]["epoch"] >= 1
