@@ -33,7 +33,7 @@ from files import atomic_write, refuse_to_overwrite
 from predictions import read_lists, write_lists
 from ranking import (HEADLINE, METRICS, Scorer, bootstrap_intervals, constant_scorer, grouped_metrics, grouped_table,
                      liked_targets, markdown_table, metrics_table, model_scorer, paired_difference, penalized,
-                     per_user_metrics, popularity_baselines, rank_all, scored_batches, target_groups,
+                     per_user_metrics, popularity_baselines, popularity_penalty, rank_all, scored_batches, target_groups,
                      target_ranks, top_tokens)
 from releases import ensure_movielens
 from run import checkpoint_of, inputs_of, report_path
@@ -230,11 +230,11 @@ def penalty_sweep(args: argparse.Namespace, scorer: Scorer, dataset, catalog: Ca
     """Per popularity penalty (penalized's), the model's accuracy and what its lists cover, at the
     largest K; the model scores each batch once for every penalty."""
     k, strengths = max(args.ks), sorted(set(args.penalty_sweep))
-    log_count = torch.log1p(catalog.count.float()).to(dataset.device)
+    penalties = [popularity_penalty(catalog.count, strength).to(dataset.device) for strength in strengths]
     found = [([], []) for _ in strengths]  # per penalty: ranks and lists, batch by batch
     for batch, excluded, scores in scored_batches(scorer, dataset, args.exclude, args.batch_size):
-        for strength, (ranks, lists) in zip(strengths, found):
-            shifted = scores - strength * log_count
+        for penalty, (ranks, lists) in zip(penalties, found):
+            shifted = scores - penalty
             ranks.append(target_ranks(shifted, batch.target_tokens, excluded).cpu())
             lists.append(top_tokens(shifted, excluded, k).cpu())
     rows, targets = [], dataset.target_tokens.cpu()

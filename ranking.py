@@ -239,12 +239,17 @@ def rank_all(scorer: Scorer, dataset: MovieLensSequenceDataset, exclude: str = "
     return torch.cat(ranks).cpu(), (torch.cat(tops) if tops else None)
 
 
+def popularity_penalty(count: torch.Tensor, strength: float) -> torch.Tensor:
+    """What a popularity penalty takes from each movie's score [vocab]: `strength` times log(1 +
+    its ratings), trading accuracy for coverage of the long tail at ranking time."""
+    return strength * torch.log1p(count.float())
+
+
 def penalized(scorer: Scorer, count: torch.Tensor, strength: float) -> Scorer:
-    """The scorer less `strength` times log(1 + the movie's training ratings): a popularity
-    penalty at ranking time that trades accuracy for coverage of the long tail (0: the scorer)."""
+    """The scorer less its popularity penalty (0: the scorer)."""
     if not strength:
         return scorer
-    penalty = strength * torch.log1p(count.float())
+    penalty = popularity_penalty(count, strength)
     return lambda batch: scorer(batch) - penalty.to(batch.user_tokens.device)
 
 

@@ -27,7 +27,7 @@ from data import DatasetMetadata, MovieLensData, latest_windows, seen_mask
 from errors import UserError, argument_parser, run_script
 from files import refuse_to_overwrite
 from predictions import write_lists
-from ranking import model_scorer
+from ranking import model_scorer, popularity_penalty, top_tokens
 from run import checkpoint_of, inputs_of
 
 
@@ -40,10 +40,11 @@ def recommend(model, data: MovieLensData, users: torch.Tensor, k: int, at: Optio
     penalty: ranked by the score less penalty x log(1 + the movie's ratings); the probabilities
     stay the model's."""
     batch = latest_windows(data, users, model.config.transformer_config.context_window_size, at)
-    scores = model_scorer(model)(batch).masked_fill(seen_mask(data, batch), float("-inf"))
-    ranked = scores - penalty * torch.log1p(movie_counts(data)) if penalty else scores
-    tokens = ranked.topk(k, dim=1).indices
-    return tokens, scores.softmax(dim=1).gather(1, tokens)
+    seen = seen_mask(data, batch)
+    scores = model_scorer(model)(batch)
+    ranked = scores - popularity_penalty(movie_counts(data), penalty) if penalty else scores
+    tokens = top_tokens(ranked, seen, k)  # ties in eval.py's order
+    return tokens, scores.masked_fill(seen, float("-inf")).softmax(dim=1).gather(1, tokens)
 
 
 def movie_counts(data: MovieLensData) -> torch.Tensor:
@@ -97,8 +98,9 @@ def utc(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def last_rating_time(data: MovieLensData, token: int) -> int:
-    return int(data.flat_times[data.offsets[token] + data.lengths[token]])
+def last_rating_times(data: MovieLensData, users: torch.Tensor) -> torch.Tensor:
+    """The time of each user's last rating (its EOS slot carries it)."""
+    return data.flat_times[data.offsets[users] + data.lengths[users]]
 
 
 def request_time(at: Optional[str], model, data: MovieLensData, users: torch.Tensor) -> Optional[int]:
@@ -110,7 +112,7 @@ def request_time(at: Optional[str], model, data: MovieLensData, users: torch.Ten
         raise UserError("--at: this model does not read the time of the request (its model_config.query_time is "
                         "false); leave --at out")
     seconds = parse_time(at)
-    last = data.flat_times[data.offsets[users] + data.lengths[users]]
+    last = last_rating_times(data, users)
     if seconds < last.max():
         user = data.metadata.user_ids[int(users[last.argmax()])]
         raise UserError(f"--at {at} is before user {user}'s last rating ({utc(int(last.max()))}); give a later time")
@@ -172,10 +174,11 @@ def recommend_one(args, model, data: MovieLensData, token: int, at: Optional[int
     for movie, rating in zip(recent, ratings[len(movies) - shown:].tolist()):
         stars = f"{rating:g} star{'' if rating == 1 else 's'}"
         print(f"  {metadata.movie_ids[movie]:>6}  {stars:<8}  {metadata.titles[movie]}  [{metadata.genres[movie]}]")
-    tokens, scores = recommend(model, data, torch.tensor([token]), args.k, at, args.popularity_penalty)
+    users = torch.tensor([token])
+    tokens, scores = recommend(model, data, users, args.k, at, args.popularity_penalty)
     if model.config.query_time:
         print(f"asked at {utc(at)}" if at is not None else
-              f"asked at {utc(last_rating_time(data, token))}, the user's last rating (--at sets another time)")
+              f"asked at {utc(int(last_rating_times(data, users)[0]))}, the user's last rating (--at sets another time)")
     penalty = f", ranked with popularity penalty {args.popularity_penalty:g}" if args.popularity_penalty else ""
     print(f"top {args.k} next movies (rated movies excluded{penalty}; p: the model's probability that it is the "
           "next movie rated):")

@@ -139,7 +139,7 @@ def test_recommend_asks_at_the_given_time_and_refuses_what_it_cannot_honour(time
     default = recommend.main(["--checkpoint", query, "--user", "5", "-k", "5"])
     assert "the user's last rating (--at sets another time)" in capsys.readouterr().out
     movielens = data.load_movielens(ml1m_dir)
-    last = recommend.last_rating_time(movielens, movielens.metadata.user_ids.index(5))
+    last = int(recommend.last_rating_times(movielens, torch.tensor([movielens.metadata.user_ids.index(5)]))[0])
     assert recommend.main(["--checkpoint", query, "--user", "5", "-k", "5", "--at", str(last)]) == default
     later = recommend.main(["--checkpoint", query, "--user", "5", "-k", "5", "--at", "2010-01-01"])
     assert "asked at 2010-01-01 00:00 UTC" in capsys.readouterr().out
