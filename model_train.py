@@ -16,12 +16,11 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from loguru import logger
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from beyond_accuracy import coverage
@@ -37,6 +36,9 @@ from run import (EPOCH_SECONDS, LEARNING_RATE, PEAK_GPU_MB, STEP_LOSS, THROUGHPU
                  VALIDATION_NDCG, Run, finished, last_checkpoint, run_folder_of, validation_tag)
 from speed import Speed, Step, speed_settings
 from training import make_loss, make_optimizer, make_schedule, make_training_step, resume_optimizer, seed_epoch
+
+if TYPE_CHECKING:  # imported when a run opens its writer: a failing command need not load TensorBoard
+    from torch.utils.tensorboard import SummaryWriter
 
 
 def train_epoch(step_fn: Step, dataset, tc: TrainerConfig, generator: torch.Generator,

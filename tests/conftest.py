@@ -16,9 +16,20 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
-# the small model of the end-to-end runs that compile: one compiled graph, built once per session
+# a small model: its end-to-end runs take seconds, and its compiled graph (test_eval.py) builds quickly
 SMALL_MODEL = ["model_config.transformer_config.embedding_dimension=16", "model_config.transformer_config.num_layers=1",
                "trainer_config.batch_size=256"]
+# The files that take longest on a cold 2-core run, slowest first: pytest-xdist hands whole files
+# to its workers in collection order (pytest.ini), so these go out first and the workers end together
+# rather than one waiting for the other's last long file.
+SLOWEST_FIRST = ["test_distributed.py", "test_experiments.py", "test_train_step.py", "test_crash.py",
+                 "test_notebooks.py", "test_bench.py", "test_losses.py", "test_real_data.py", "test_eval.py",
+                 "test_errors.py", "test_mounts.py", "test_kernels.py", "test_cli.py", "test_recommend.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
 
 
 def synthetic_ratings(num_users: int = 300, num_movies: int = 200, seed: int = 0,

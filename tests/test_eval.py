@@ -3,13 +3,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import ndcg_score
 
 import data
 import releases
 import ranking as evaluation
 from build import build_model
 from config import load_config
+from conftest import SMALL_MODEL
 
 
 def test_ranks_exclude_and_break_ties_by_token():
@@ -32,6 +32,7 @@ def test_metrics_by_hand():
 
 
 def test_ndcg_matches_sklearn():
+    from sklearn.metrics import ndcg_score  # here, not at the top: 2 s of every worker's start
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(200, 30))
     targets = rng.integers(0, 30, size=200)
@@ -87,7 +88,7 @@ def test_compiled_ranks_equal_eager_ranks(ml1m_dir):
     test = data.MovieLensSequenceDataset(movielens, "test", 5)
     popularity = evaluation.constant_scorer(evaluation.popularity_baselines(test)["most-rated"])  # many ties
     torch.manual_seed(0)
-    model = build_model(load_config(), movielens.metadata).eval()
+    model = build_model(load_config(overrides=SMALL_MODEL), movielens.metadata).eval()  # one graph, compiled quickly
     for scorer, compiled_scorer in ((popularity, popularity), (evaluation.model_scorer(model),
                                                               evaluation.model_scorer(model, compiled=True))):
         for batch_size in (64, 100):  # both leave a short last batch

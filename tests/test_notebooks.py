@@ -1,14 +1,15 @@
 """Both notebooks execute top to bottom, headless, on the synthetic fixture with short runs."""
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from conftest import ROOT
 
 
 @pytest.mark.parametrize("name", ["01_movielens_data.ipynb", "02_train_and_inspect.ipynb"])
 def test_notebook_executes(name, ml1m_dir, tmp_path, monkeypatch):
+    import nbformat  # here, not at the top: its schema checks take 4 s of every worker's start
+    from nbclient import NotebookClient
+
     monkeypatch.setenv("MOVIELENS_REPO", str(ROOT))
     monkeypatch.setenv("MOVIELENS_DATA_DIR", str(ml1m_dir))
     monkeypatch.setenv("MOVIELENS_NOTEBOOK_QUICK", "1")
