@@ -4,6 +4,7 @@ Scripts build through here; the config itself (config.py) only reads and checks 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -14,6 +15,7 @@ from data import (YEAR_BUCKETS, DatasetMetadata, HistoryChunks, MovieLensData, M
 from errors import ConfigError
 from movielens_transformer import Features, MovieLensTransformer
 from releases import ensure_movielens
+from text import text_embeddings
 
 
 def pick_device(name: str) -> torch.device:
@@ -51,7 +53,16 @@ def model_features(config: Config, metadata: DatasetMetadata) -> Features:
                           f"{'it' if len(missing) == 1 else 'them'}")
     genres, years = movie_feature_tensors(metadata)
     return Features(genres, years, YEAR_BUCKETS, {name: torch.tensor(values)
-                                                  for name, values in metadata.user_features.items()})
+                                                  for name, values in metadata.user_features.items()},
+                    text=movie_text(config, metadata) if "text" in config.model_config.movie_features else None)
+
+
+def movie_text(config: Config, metadata: DatasetMetadata) -> torch.Tensor:
+    """Each movie's text embedding, kept beside the data cache when the config caches and its data
+    folder is there (a checkpoint evaluated elsewhere computes them anew from its titles)."""
+    tc = config.trainer_config
+    folder = Path(tc.data_dir)
+    return text_embeddings(metadata, config.model_config.text_model, folder if tc.cache and folder.is_dir() else None)
 
 
 def make_datasets(config: Config, data: Optional[MovieLensData] = None) -> dict:

@@ -15,9 +15,11 @@ bucket of their log time gap. The query's time is that of its own input rating, 
 a deployed recommender knows; query time also adds an embedding of the gap between the two.
 
 Features (off by default, the post's next steps): `movie_features` adds embeddings of each
-movie's genres (summed) and release-year bucket to its token's, `user_features` those of the
-user's age group, sex and occupation to the user embedding, and `rating_input` an embedding of
-the stars the user gave each movie of the history to its position's input.
+movie's genres (summed), its release-year bucket and its text (title and genres through a
+sentence-transformers model, text.py, projected to the model's width) to its token's,
+`user_features` those of the user's age group, sex and occupation to the user embedding, and
+`rating_input` an embedding of the stars the user gave each movie of the history to its
+position's input.
 """
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ import torch
 import torch.nn as nn
 
 from keys import at_least, key, names_from, one_of, probability, rule
-from kernels import attention, dropout, gelu, small_table_lookup
+from ops import attention, dropout, gelu, small_table_lookup
 
 
 MODES = ("window", "sequence")
 INITS = ("post", "normal")  # init_weights' forms
-MOVIE_FEATURES, USER_FEATURES = ("genres", "year"), ("age", "sex", "occupation")
+MOVIE_FEATURES, USER_FEATURES = ("genres", "year", "text"), ("age", "sex", "occupation")
+DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @dataclass
@@ -63,6 +66,7 @@ class MovieLensTransformerConfig:
     time_bias: bool = key(False)               # attention bias by query-key log time gap
     query_time: bool = key(False)              # the time bias reads the predicted rating's time
     movie_features: list[str] = key([], names_from(MOVIE_FEATURES))
+    text_model: str = key(DEFAULT_TEXT_MODEL)  # embeds each movie's text when movie_features has text
     user_features: list[str] = key([], names_from(USER_FEATURES))
     rating_input: bool = key(False)            # each history movie's stars as an input
 
@@ -109,20 +113,25 @@ class Features:
     years: Optional[torch.Tensor] = None    # int64 [vocab], release-year bucket
     year_buckets: int = 0
     users: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> int64 [users]
+    text: Optional[torch.Tensor] = None     # float [vocab, D], each movie's text embedding (text.py)
 
 
 class MovieFeatures(nn.Module):
-    """The sum of a movie's genre embeddings and its release-year embedding: tokens -> [.., d]."""
+    """The sum of a movie's genre embeddings, its release-year embedding and its text embedding
+    projected to the model's width: tokens -> [.., d]."""
 
     def __init__(self, names: list[str], features: Features, width: int):
         super().__init__()
-        self.genre_embedding = self.year_embedding = None
+        self.genre_embedding = self.year_embedding = self.text_projection = None
         if "genres" in names:
             self.register_buffer("genres", features.genres, persistent=False)
             self.genre_embedding = nn.Linear(features.genres.shape[1], width, bias=False)
         if "year" in names:
             self.register_buffer("years", features.years, persistent=False)
             self.year_embedding = nn.Embedding(features.year_buckets, width)
+        if "text" in names:
+            self.register_buffer("text", features.text, persistent=False)
+            self.text_projection = nn.Linear(features.text.shape[1], width, bias=False)
 
     def forward(self, movie_tokens: torch.Tensor) -> torch.Tensor:
         parts = []
@@ -130,6 +139,8 @@ class MovieFeatures(nn.Module):
             parts.append(self.genre_embedding(self.genres[movie_tokens]))
         if self.year_embedding is not None:
             parts.append(self.year_embedding(self.years[movie_tokens]))
+        if self.text_projection is not None:
+            parts.append(self.text_projection(self.text[movie_tokens]))
         return sum(parts[1:], parts[0])
 
 
@@ -150,7 +161,7 @@ class UserFeatures(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout through kernels.dropout."""
+    """nn.Dropout through ops.dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)

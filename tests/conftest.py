@@ -24,7 +24,7 @@ SMALL_MODEL = ["model_config.transformer_config.embedding_dimension=16", "model_
 # rather than one waiting for the other's last long file.
 SLOWEST_FIRST = ["test_distributed.py", "test_experiments.py", "test_train_step.py", "test_crash.py",
                  "test_notebooks.py", "test_bench.py", "test_losses.py", "test_real_data.py", "test_eval.py",
-                 "test_errors.py", "test_mounts.py", "test_kernels.py", "test_cli.py", "test_recommend.py"]
+                 "test_errors.py", "test_mounts.py", "test_ops.py", "test_cli.py", "test_recommend.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

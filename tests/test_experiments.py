@@ -93,7 +93,7 @@ def test_every_shipped_config_and_grid_loads():
     configs = DEFAULT_CONFIG.parent / "configs"
     grids = {"ablations.yaml": "ml100k_best.yaml", "ml1m_sweep.yaml": "ml1m_best.yaml",  # grid -> its config
              "feature_ablations.yaml": "ml100k_best.yaml",
-             "time_ablations.yaml": "ml100k_best.yaml"}
+             "time_ablations.yaml": "ml100k_best.yaml", "text_ablations.yaml": "ml100k_best.yaml"}
     for path in sorted(configs.glob("*.yaml")):
         if path.name in grids:
             variants = experiments.read_grid(path)

@@ -8,7 +8,7 @@ import speed
 from build import build_model
 from config import TrainerConfig, load_config
 from data import MovieLensSequenceDataset, HistoryChunks, load_movielens
-from kernels import dropout
+from ops import dropout
 from training import (ModelLoss, full_softmax_loss, load_optimizer_state, make_optimizer, make_schedule,
                       make_training_step, seed_epoch, train_step)
 

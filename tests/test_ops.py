@@ -1,9 +1,9 @@
-"""Each fast form in kernels.py against its reference: SDPA, F.dropout, F.gelu (tanh)."""
+"""Each fast form in ops.py against its reference: SDPA, F.dropout, F.gelu (tanh)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention, dropout, gelu, small_table_lookup, written_out_attention
+from ops import attention, dropout, gelu, small_table_lookup, written_out_attention
 
 
 def padded_causal_mask() -> torch.Tensor:

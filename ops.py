@@ -12,7 +12,7 @@ The model calls these and nothing else; each chooses here between the reference 
   function, because inductor's vectorised exp is several times faster there than its tanh;
 - a small table looked up at every query-key pair (the relative attention biases) sums its
   gradient on a CPU with index_add_, where F.embedding's backward sorts the millions of indices.
-tests/test_kernels.py checks each fast form against its reference. Measurements:
+tests/test_ops.py checks each fast form against its reference. Measurements:
 benchmarks/README.md.
 """
 from __future__ import annotations
