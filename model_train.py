@@ -33,7 +33,7 @@ from errors import Interrupted, UserError, argument_parser, out_of_memory, run_s
 from files import write_error
 from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
 from run import (EPOCH_SECONDS, LEARNING_RATE, PEAK_GPU_MB, STEP_LOSS, THROUGHPUT, TRAIN_LOSS, VALIDATION_LOSS,
-                 VALIDATION_NDCG, Run, finished, last_checkpoint, run_folder_of, validation_tag)
+                 VALIDATION_NDCG, VALIDATION_SECONDS, Run, finished, last_checkpoint, run_folder_of, validation_tag)
 from speed import Speed, Step, speed_settings
 from training import make_loss, make_optimizer, make_schedule, make_training_step, resume_optimizer, seed_epoch
 
@@ -224,10 +224,11 @@ def train_epochs(trainer: Trainer, config: Config, group: Group, run: Run, state
                                                 trainer.schedule.last_epoch, group)
         trainer.model.eval()
         evaluated = epoch % tc.eval_every == 0 or epoch == tc.num_epochs
-        scalars = {TRAIN_LOSS: train_loss,
-                   **validate(trainer.scorer, trainer.validation, tc, trainer.speed.compile, group, evaluated),
+        validating = time.perf_counter()
+        validation = validate(trainer.scorer, trainer.validation, tc, trainer.speed.compile, group, evaluated)
+        scalars = {TRAIN_LOSS: train_loss, **validation,
                    LEARNING_RATE: float(trainer.optimizer.param_groups[0]["lr"]), THROUGHPUT: samples_per_s,
-                   EPOCH_SECONDS: time.perf_counter() - started}
+                   EPOCH_SECONDS: time.perf_counter() - started, VALIDATION_SECONDS: time.perf_counter() - validating}
         if trainer.train_set.device.type == "cuda":
             scalars[PEAK_GPU_MB] = torch.cuda.max_memory_allocated(trainer.train_set.device) / 2**20
         improved = evaluated and scalars[VALIDATION_NDCG] > state["best_ndcg"]

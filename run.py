@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # TensorBoard and tbparse load when a run writes or reads the
 # TensorBoard's tags: a scalar per epoch, and the training loss every log_every steps
 TRAIN_LOSS, VALIDATION_LOSS, STEP_LOSS = "loss/train", "loss/validation", "loss/train_step"
 LEARNING_RATE, THROUGHPUT = "lr", "throughput/samples_per_s"
-EPOCH_SECONDS, PEAK_GPU_MB = "time/epoch_s", "memory/peak_gpu_mb"
+EPOCH_SECONDS, VALIDATION_SECONDS, PEAK_GPU_MB = "time/epoch_s", "time/validation_s", "memory/peak_gpu_mb"
 BEST_NDCG = "hparam/best_validation_ndcg@10"  # the HParams view's metric
 
 

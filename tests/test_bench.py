@@ -59,3 +59,29 @@ def test_sequence_epoch_reports_its_shares_and_flops(ml1m_dir, tmp_path):
     result = json.loads(out.read_text())
     assert 0 < result["trained_share"] <= result["real_share"] <= 1
     assert result["batches"] == 3 and result["model_tflop"] > 0 and 0 < result["fraction_of_matmul"]
+
+
+def test_time_to_quality_reads_each_validation_against_the_minutes(ml1m_dir, tmp_path, capfd):
+    """One short run: a row per validation, minutes rising, the thresholds it reached and not; a
+    complete run is read back rather than trained again; a stopped one cannot be timed."""
+    spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "benchmarks" / "time_to_quality.py")
+    time_to_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(time_to_quality)
+    config = tmp_path / "small.yaml"
+    config.write_text(f"trainer_config: {{data_dir: {ml1m_dir}, num_epochs: 2, batch_size: 256, compile: false}}\n"
+                      "model_config: {transformer_config: {embedding_dimension: 16, num_layers: 1}}\n")
+    argv = ["--config", str(config), "--out", str(tmp_path / "out"), "--thresholds", "0.01", "0.99"]
+    curve = time_to_quality.main(argv)["small"]
+    assert list(curve.epoch) == [1, 2] and curve.minutes.is_monotonic_increasing
+    assert (curve.train_minutes > 0).all() and (curve.validation_minutes > 0).all()
+    assert (curve.train_minutes + curve.validation_minutes < curve.minutes).all()  # loading counts too
+    row = next(line for line in (tmp_path / "out" / "time_to_quality.md").read_text().splitlines()
+               if line.startswith("| small |")).split(" | ")
+    assert row[1] != "-" and row[2] == "-"  # reached 0.01, never 0.99
+    assert (tmp_path / "out" / "time_to_quality.png").stat().st_size > 1000
+    capfd.readouterr()
+    assert time_to_quality.main(argv)["small"].equals(curve)
+    assert "epoch 1" not in capfd.readouterr().err  # read back, not trained again
+    (tmp_path / "out" / "models" / "small-seed1" / "curves.png").unlink()  # as a stopped run leaves it
+    with pytest.raises(time_to_quality.UserError, match="did not time from its start"):
+        time_to_quality.main(argv)
