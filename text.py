@@ -29,9 +29,19 @@ def movie_texts(metadata: DatasetMetadata) -> list[str]:
 
 
 def cache_path(folder: Path, model_name: str, texts: list[str]) -> Path:
-    """The cache file of these texts under this model: another model or another title is another file."""
-    digest = hashlib.sha1("\n".join([model_name, *texts]).encode()).hexdigest()[:16]
+    """The cache file of these texts under this model: another model, another title, or other files
+    in a local model folder (new weights under the same path) is another file."""
+    digest = hashlib.sha1("\n".join([model_name, *model_files(model_name), *texts]).encode()).hexdigest()[:16]
     return folder / f".movielens_text_{digest}.pt"
+
+
+def model_files(model_name: str) -> list[str]:
+    """A local model folder's files with their sizes and times; nothing for a Hub name."""
+    folder = Path(model_name)
+    if not folder.is_dir():
+        return []
+    return [f"{path.relative_to(folder)} {path.stat().st_size} {path.stat().st_mtime_ns}"
+            for path in sorted(folder.rglob("*")) if path.is_file()]
 
 
 def text_embeddings(metadata: DatasetMetadata, model_name: str, cache_folder: Optional[Path]) -> torch.Tensor:

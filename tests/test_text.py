@@ -74,6 +74,8 @@ def test_text_vectors_are_computed_once_and_kept_beside_the_data(text_model, dat
     assert torch.equal(text.text_embeddings(metadata, str(text_model), data_copy), vectors)
     other = text.cache_path(data_copy, "another/model", text.movie_texts(metadata))
     assert other != kept[0]  # another model is another file, never these vectors
+    (text_model / "config.json").touch()  # new files in the same folder: computed anew
+    assert text.cache_path(data_copy, str(text_model), text.movie_texts(metadata)) != kept[0]
 
 
 def test_text_is_read_by_the_model(text_model, ml1m_dir, offline):
