@@ -14,7 +14,6 @@ join the picture; a run that was stopped cannot be timed and is refused.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
