@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -62,17 +63,21 @@ def test_sequence_epoch_reports_its_shares_and_flops(ml1m_dir, tmp_path):
 
 
 def test_time_to_quality_reads_each_validation_against_the_minutes(ml1m_dir, tmp_path, capfd):
-    """One short run: a row per validation, minutes rising, the thresholds it reached and not; a
-    complete run is read back rather than trained again; a stopped one cannot be timed."""
+    """One run stopped by --minutes: a row per validation, minutes rising, the thresholds it
+    reached and not; the run is read back rather than trained again; one stopped otherwise
+    cannot be timed."""
     spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "benchmarks" / "time_to_quality.py")
     time_to_quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(time_to_quality)
     config = tmp_path / "small.yaml"
-    config.write_text(f"trainer_config: {{data_dir: {ml1m_dir}, num_epochs: 2, batch_size: 256, compile: false}}\n"
+    config.write_text(f"trainer_config: {{data_dir: {ml1m_dir}, num_epochs: 1000, batch_size: 256, compile: false}}\n"
                       "model_config: {transformer_config: {embedding_dimension: 16, num_layers: 1}}\n")
-    argv = ["--config", str(config), "--out", str(tmp_path / "out"), "--thresholds", "0.01", "0.99"]
+    argv = ["--config", str(config), "--out", str(tmp_path / "out"), "--thresholds", "0.01", "0.99", "--minutes", "0.4"]
+    start = time.monotonic()
     curve = time_to_quality.main(argv)["small"]
-    assert list(curve.epoch) == [1, 2] and curve.minutes.is_monotonic_increasing
+    assert time.monotonic() - start < 0.4 * 60 + 30  # stopped at the cap, its checkpoint saved in seconds
+    assert len(curve) >= 1 and list(curve.epoch) == list(range(1, len(curve) + 1))
+    assert curve.minutes.is_monotonic_increasing and curve.minutes.iloc[-1] < 0.4
     assert (curve.train_minutes > 0).all() and (curve.validation_minutes > 0).all()
     assert (curve.train_minutes + curve.validation_minutes < curve.minutes).all()  # loading counts too
     row = next(line for line in (tmp_path / "out" / "time_to_quality.md").read_text().splitlines()
@@ -82,6 +87,6 @@ def test_time_to_quality_reads_each_validation_against_the_minutes(ml1m_dir, tmp
     capfd.readouterr()
     assert time_to_quality.main(argv)["small"].equals(curve)
     assert "epoch 1" not in capfd.readouterr().err  # read back, not trained again
-    (tmp_path / "out" / "models" / "small-seed1" / "curves.png").unlink()  # as a stopped run leaves it
+    (tmp_path / "out" / "starts.json").write_text("{}")  # as if trained otherwise
     with pytest.raises(time_to_quality.UserError, match="did not time from its start"):
         time_to_quality.main(argv)
