@@ -55,7 +55,7 @@ class TrainerConfig:
     num_negatives: int = key(1024, at_least(1))  # uniform negatives shared by a batch
     num_epochs: int = key(1000, at_least(1), resume=True)  # upper bound; early stopping usually ends sooner
     patience: Optional[int] = key(5, or_null(at_least(1)), resume=True)  # evaluations without a better NDCG@10
-    eval_every: int = key(1, at_least(1), resume=True)  # epochs between validation HR/NDCG/MRR@10
+    eval_every: int = key(1, at_least(1), resume=True)  # epochs between validations (loss, HR/NDCG/MRR@10)
     log_every: int = key(100, at_least(1), resume=True, run=False)  # steps between training-loss log points
     device: str = key("auto", matches(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, mps, cuda or cuda:N"),
                       resume=True, run=False)

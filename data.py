@@ -21,10 +21,9 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Protocol
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional, Protocol
 
 import numpy as np
-import pandas as pd
 import torch
 from loguru import logger
 from torch.utils.data import Dataset
@@ -32,6 +31,9 @@ from torch.utils.data import Dataset
 from errors import UserError
 from files import atomic_write, torch_save
 from releases import FORMATS, detect_format, read_movielens
+
+if TYPE_CHECKING:
+    import pandas as pd  # annotations only
 
 SPLITS = ("leave_one_out", "random_windows")
 SUBSETS = ("train", "validation", "test")

@@ -1,9 +1,10 @@
 """Train the MovieLens Transformer: python model_train.py [--config PATH] [--set a.b=value ...]
 
 Reads the YAML config, downloads MovieLens when data_dir lacks it, trains with cross-entropy and
-Adam, and after every epoch logs training and validation loss (validation targets, never the
-training set), every `eval_every` epochs validation HR/NDCG/MRR@10 with everything the user saw
-excluded, to loguru, tqdm and TensorBoard. Checkpoints best.pt (by validation NDCG@10) and last.pt
+Adam, and logs the training loss after every epoch and, every `eval_every` epochs (and after
+the last), the validation loss and HR/NDCG/MRR@10 (validation targets, never the training set;
+everything the user saw excluded from the ranking, one pass of the model for all of them), to
+loguru, tqdm and TensorBoard. Checkpoints best.pt (by validation NDCG@10) and last.pt
 land atomically in model_dir/<run>; training stops early after `patience` evaluations without a
 better NDCG@10. `--resume models/<run>` continues a run at its next epoch.
 """
@@ -79,23 +80,19 @@ def diverged(epoch: int, step: int, tc: TrainerConfig) -> UserError:
 
 
 @torch.inference_mode()
-def validate(scorer: Scorer, shard, tc: TrainerConfig, compiled: bool, group: Group,
-             with_metrics: bool) -> dict[str, float]:
-    """Validation loss, and with_metrics HR/NDCG/MRR@10 and the top-10 lists' catalog coverage, of
-    every process's shard together: one pass of the model, its scores read for both."""
+def validate(scorer: Scorer, shard, tc: TrainerConfig, compiled: bool, group: Group) -> dict[str, float]:
+    """Validation loss, HR/NDCG/MRR@10 and the top-10 lists' catalog coverage, of every
+    process's shard together: one pass of the model, its scores read for all of them."""
     rank, total, ranks, lists = ranker(compiled), torch.zeros((), device=shard.device), [], []
     for batch, excluded, scores in scored_batches(scorer, shard, "history", tc.eval_batch_size):
         total += F.cross_entropy(scores, batch.target_tokens, reduction="sum")
-        if with_metrics:
-            ranks.append(rank(scores, batch.target_tokens, excluded))
-            lists.append(top_tokens(scores, excluded, 10))
+        ranks.append(rank(scores, batch.target_tokens, excluded))
+        lists.append(top_tokens(scores, excluded, 10))
     total, n = sum_over_processes(group, total, len(shard))
-    result = {VALIDATION_LOSS: total / max(n, 1)}
-    if with_metrics:
-        metrics = metrics_from_ranks(gather(group, torch.cat(ranks).cpu()), ks=(10,))
-        metrics["coverage@10"] = coverage(gather(group, torch.cat(lists).cpu()), shard.metadata.num_movies)
-        result.update({validation_tag(k): metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10", "coverage@10")})
-    return result
+    metrics = metrics_from_ranks(gather(group, torch.cat(ranks).cpu()), ks=(10,))
+    metrics["coverage@10"] = coverage(gather(group, torch.cat(lists).cpu()), shard.metadata.num_movies)
+    return {VALIDATION_LOSS: total / max(n, 1),
+            **{validation_tag(k): metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10", "coverage@10")}}
 
 
 def train(config: Config, resume: Optional[Path] = None, data: Optional[MovieLensData] = None) -> Path:
@@ -227,10 +224,12 @@ def train_epochs(trainer: Trainer, config: Config, group: Group, run: Run, state
         trainer.model.eval()
         evaluated = epoch % tc.eval_every == 0 or epoch == tc.num_epochs
         validating = time.perf_counter()
-        validation = validate(trainer.scorer, trainer.validation, tc, trainer.speed.compile, group, evaluated)
+        validation = validate(trainer.scorer, trainer.validation, tc, trainer.speed.compile, group) if evaluated else {}
         scalars = {TRAIN_LOSS: train_loss, **validation,
                    LEARNING_RATE: float(trainer.optimizer.param_groups[0]["lr"]), THROUGHPUT: samples_per_s,
-                   EPOCH_SECONDS: time.perf_counter() - started, VALIDATION_SECONDS: time.perf_counter() - validating}
+                   EPOCH_SECONDS: time.perf_counter() - started}
+        if evaluated:
+            scalars[VALIDATION_SECONDS] = time.perf_counter() - validating
         if trainer.train_set.device.type == "cuda":
             scalars[PEAK_GPU_MB] = torch.cuda.max_memory_allocated(trainer.train_set.device) / 2**20
         improved = evaluated and scalars[VALIDATION_NDCG] > state["best_ndcg"]

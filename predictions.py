@@ -6,20 +6,24 @@ one (this repo's or another system's) to score it on the same targets with the s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from data import DatasetMetadata
 from errors import UserError
 from files import atomic_write
 
+if TYPE_CHECKING:
+    import pandas as pd  # imported where a file is read: half a second of every script's start
+
 COLUMNS = ["user_id", "rank", "item_id"]
 
 
 def write_lists(path: Path, user_tokens: torch.Tensor, lists: torch.Tensor, metadata: DatasetMetadata) -> None:
     """Each user's list (tokens [N, K], -1 entries left out) as rows of `path`, written atomically."""
+    import pandas as pd
     users = np.repeat(np.asarray(metadata.user_ids)[user_tokens.cpu().numpy()], lists.shape[1])
     ranks = np.tile(np.arange(1, lists.shape[1] + 1), len(lists))
     tokens = lists.cpu().numpy().ravel()
@@ -33,6 +37,7 @@ def read_lists(path: Path, metadata: DatasetMetadata) -> torch.Tensor:
     """The lists of a CSV as tokens [num_users, L] by user token (L: the longest list; -1 where a
     list is shorter or the user has none), checked: the columns, integer ids of this data set,
     one item per user and rank, no item twice in a list."""
+    import pandas as pd
     table = read_table(path)
     users = token_of(table.user_id.to_numpy(), metadata.user_ids, path, table, "user_id", "users")
     movies = token_of(table.item_id.to_numpy(), metadata.movie_ids, path, table, "item_id", "movies")
@@ -51,6 +56,7 @@ def read_lists(path: Path, metadata: DatasetMetadata) -> torch.Tensor:
 
 
 def read_table(path: Path) -> pd.DataFrame:
+    import pandas as pd
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, UnicodeDecodeError) as e:

@@ -17,15 +17,17 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import numpy as np
-import pandas as pd
 from loguru import logger
 from tqdm import tqdm
 
 from errors import DataError
 from files import write_error
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where a file is read: half a second of every script's start
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -258,6 +260,7 @@ def without_blank_tail(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _parse_ratings(path: Path, sep: str, header: Optional[str]) -> pd.DataFrame:
     """The C parser's reading of a ratings file; ValueError when it is not four numeric columns."""
+    import pandas as pd
     if sep == "::":  # split on ':' and keep every other column: the C parser takes one char
         frame = pd.read_csv(path, sep=":", header=None, engine="c", skip_blank_lines=False)
         if frame.shape[1] != 7 or frame[[1, 3, 5]].notna().to_numpy().any():
@@ -286,6 +289,7 @@ def read_ratings(path: str | Path, fmt: Format) -> pd.DataFrame:
     Ratings are stars, whole or half, from 0.5 to 5. Any malformed line is located by a
     line-by-line scan so that the error names it.
     """
+    import pandas as pd
     path, first = Path(path), fmt.first_rating_line
     try:
         frame = _parse_ratings(path, fmt.ratings_separator, fmt.ratings_header)
@@ -325,6 +329,7 @@ def drop_duplicate_ratings(ratings: pd.DataFrame, path: Path, first_line: int) -
 
 def read_movies(path: Path, fmt: Format) -> pd.DataFrame:
     """movie_id, title, genres ("A|B") of a movies file in the format fmt."""
+    import pandas as pd
     if fmt.movies_header:  # CSV: titles with commas or quotes are quoted
         try:
             movies = pd.read_csv(io.StringIO(read_text(path, fmt.movies_encoding)), keep_default_na=False,
@@ -347,6 +352,7 @@ def read_movies(path: Path, fmt: Format) -> pd.DataFrame:
 def read_users(path: Path, fmt: Format) -> pd.DataFrame:
     """user_id and the format's user_columns (age an integer, sex and occupation as written) of a
     users file."""
+    import pandas as pd
     ages = (1 + fmt.user_columns.index("age"),)
     rows = split_lines(path, fmt.separator, USERS_FIELDS, (0, *ages), "ISO-8859-1")
     return pd.DataFrame([row[:1 + len(fmt.user_columns)] for row in rows], columns=["user_id", *fmt.user_columns])
@@ -356,6 +362,7 @@ def read_movielens(data_dir: str | Path) -> tuple[str, pd.DataFrame, pd.DataFram
     """(name, users, movies, ratings) of a MovieLens folder, ratings in file order. The name is
     the format's, or for the csv format the release the folder is named after; users holds the
     users file's age, sex and occupation where the release has one."""
+    import pandas as pd
     data_dir = Path(data_dir)
     name = detect_format(data_dir)
     fmt = FORMATS[name]

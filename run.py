@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-import pandas as pd
 import yaml
 from loguru import logger
 
 from checkpoint import load_checkpoint, saved_config
 from errors import UserError
 from files import atomic_write, take_lock, torch_save, write_error
+
+if TYPE_CHECKING:
+    import pandas as pd  # annotations only
 
 if TYPE_CHECKING:  # TensorBoard and tbparse load when a run writes or reads them: eval.py needs neither
     from torch.utils.tensorboard import SummaryWriter

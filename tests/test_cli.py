@@ -31,6 +31,7 @@ def workdir(tmp_path, monkeypatch, ml1m_dir) -> Path:
 def test_train_eval_resume_end_to_end(workdir, ml1m_dir, capsys):
     run = model_train.main(sets(f"trainer_config.data_dir={ml1m_dir}", "trainer_config.num_epochs=2",
                                 "trainer_config.run_name=e2e", "trainer_config.patience=null",
+                                "trainer_config.eval_every=2",
                                 "trainer_config.compile=false"))  # compiled: tests/test_train_step.py, test_eval.py
     assert run == Path("models/e2e")
     assert {p.name for p in run.iterdir()} >= {"best.pt", "last.pt", "config.yaml"}
@@ -53,6 +54,9 @@ def test_train_eval_resume_end_to_end(workdir, ml1m_dir, capsys):
     from tbparse import SummaryReader
     scalars = SummaryReader("runs/e2e").scalars
     assert sorted(scalars[scalars.tag == "loss/train"].step.tolist()) == [1, 2, 3]
+    # validation (its loss too) every eval_every epochs and after the last: epoch 1 paid none
+    for tag in ("loss/validation", "metrics/validation/ndcg@10", "time/validation_s"):
+        assert sorted(scalars[scalars.tag == tag].step.tolist()) == [2, 3], tag
     assert set(scalars.tag) >= {"loss/validation", "metrics/validation/ndcg@10", "lr",
                                 "throughput/samples_per_s"}
 
