@@ -22,13 +22,17 @@ def even_data(tmp_path_factory) -> Path:
     return write_ml1m(tmp_path_factory.mktemp("even") / "ml-1m", rows, num_users=64, num_movies=200)
 
 
+def settings(data_dir: Path, batch_size: int) -> list[str]:
+    return [f"trainer_config.data_dir={data_dir}", "trainer_config.cache=false", "trainer_config.compile=false",
+            "trainer_config.num_epochs=2", "trainer_config.patience=null", f"trainer_config.batch_size={batch_size}",
+            "trainer_config.run_name=run", *(f"model_config.transformer_config.{k}=0.0" for k in
+                                             ("embedding_dropout", "attention_dropout", "residual_dropout"))]
+
+
 def run_training(folder: Path, data_dir: Path, launcher: list[str], batch_size: int,
                  *extra: str) -> subprocess.CompletedProcess:
-    pairs = [f"trainer_config.data_dir={data_dir}", "trainer_config.cache=false", "trainer_config.compile=false",
-             "trainer_config.num_epochs=2", "trainer_config.patience=null", f"trainer_config.batch_size={batch_size}",
-             "trainer_config.run_name=run", *(f"model_config.transformer_config.{k}=0.0" for k in
-                                              ("embedding_dropout", "attention_dropout", "residual_dropout"))]
-    args = extra if extra and extra[0] == "--resume" else [a for p in (*pairs, *extra) for a in ("--set", p)]
+    args = extra if extra and extra[0] == "--resume" else [a for p in (*settings(data_dir, batch_size), *extra)
+                                                            for a in ("--set", p)]
     return subprocess.run([*launcher, str(ROOT / "model_train.py"), *args], cwd=folder, capture_output=True,
                           text=True, timeout=300)
 
@@ -39,11 +43,19 @@ def train(folder: Path, data_dir: Path, launcher: list[str], batch_size: int, *e
     return folder / "models" / "run"
 
 
+def train_in_this_process(folder: Path, data_dir: Path, batch_size: int, *extra: str) -> Path:
+    """One process's run, as `python model_train.py` in folder would train it, without a new
+    process's start (seconds of imports)."""
+    import model_train
+    pairs = [*settings(data_dir, batch_size), f"trainer_config.model_dir={folder / 'models'}",
+             f"trainer_config.tensorboard_dir={folder / 'runs'}", *extra]
+    return model_train.main([a for p in pairs for a in ("--set", p)])
+
+
 def one_and_two_processes(tmp_path: Path, data_dir: Path, batch_size: int, *extra: str) -> tuple[Path, Path]:
     """Run folders of one process at 2 x batch_size and of two processes at batch_size."""
-    (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    return (train(tmp_path / "one", data_dir, [sys.executable], 2 * batch_size, *extra),
+    return (train_in_this_process(tmp_path / "one", data_dir, 2 * batch_size, *extra),
             train(tmp_path / "two", data_dir, TORCHRUN, batch_size, *extra))
 
 
@@ -54,7 +66,7 @@ def two_at_256(even_data, tmp_path_factory) -> Path:
 
 
 def test_two_processes_at_batch_b_step_as_one_at_batch_2b(even_data, two_at_256, tmp_path):
-    one = train(tmp_path, even_data, [sys.executable], 512)
+    one = train_in_this_process(tmp_path, even_data, 512)
     a, b = load_checkpoint(one / "last.pt"), load_checkpoint(two_at_256 / "last.pt")
     assert a["schedule"]["last_epoch"] == b["schedule"]["last_epoch"] == 4  # two steps an epoch
     # Adam turns float noise in near-zero gradients (the key bias) into steps of up to ~1e-5
