@@ -32,7 +32,7 @@ from data import DatasetMetadata, MovieLensData, MovieLensSequenceDataset
 from distributed import Group, exit_process, gather, on_main, start, stop, sum_over_processes, wait_for_all
 from errors import Interrupted, UserError, argument_parser, out_of_memory, run_script
 from files import write_error
-from ranking import Scorer, metrics_from_ranks, model_scorer, ranker, scored_batches, top_tokens
+from ranking import Scorer, metrics_from_ranks, model_scorer, rank_all
 from run import (EPOCH_SECONDS, LEARNING_RATE, PEAK_GPU_MB, STEP_LOSS, THROUGHPUT, TRAIN_LOSS, VALIDATION_LOSS,
                  VALIDATION_NDCG, VALIDATION_SECONDS, Run, finished, last_checkpoint, run_folder_of, validation_tag)
 from speed import Speed, Step, speed_settings
@@ -82,15 +82,18 @@ def diverged(epoch: int, step: int, tc: TrainerConfig) -> UserError:
 @torch.inference_mode()
 def validate(scorer: Scorer, shard, tc: TrainerConfig, compiled: bool, group: Group) -> dict[str, float]:
     """Validation loss, HR/NDCG/MRR@10 and the top-10 lists' catalog coverage, of every
-    process's shard together: one pass of the model, its scores read for all of them."""
-    rank, total, ranks, lists = ranker(compiled), torch.zeros((), device=shard.device), [], []
-    for batch, excluded, scores in scored_batches(scorer, shard, "history", tc.eval_batch_size):
+    process's shard together: one pass of the model, the loss summed from the scores it ranks."""
+    total = torch.zeros((), device=shard.device)
+
+    def scored_and_summed(batch) -> torch.Tensor:
+        nonlocal total
+        scores = scorer(batch)
         total += F.cross_entropy(scores, batch.target_tokens, reduction="sum")
-        ranks.append(rank(scores, batch.target_tokens, excluded))
-        lists.append(top_tokens(scores, excluded, 10))
+        return scores
+    ranks, lists = rank_all(scored_and_summed, shard, batch_size=tc.eval_batch_size, top=10, compiled=compiled)
     total, n = sum_over_processes(group, total, len(shard))
-    metrics = metrics_from_ranks(gather(group, torch.cat(ranks).cpu()), ks=(10,))
-    metrics["coverage@10"] = coverage(gather(group, torch.cat(lists).cpu()), shard.metadata.num_movies)
+    metrics = metrics_from_ranks(gather(group, ranks), ks=(10,))
+    metrics["coverage@10"] = coverage(gather(group, lists), shard.metadata.num_movies)
     return {VALIDATION_LOSS: total / max(n, 1),
             **{validation_tag(k): metrics[k] for k in ("hr@10", "ndcg@10", "mrr@10", "coverage@10")}}
 

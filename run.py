@@ -26,10 +26,8 @@ from checkpoint import load_checkpoint, saved_config
 from errors import UserError
 from files import atomic_write, take_lock, torch_save, write_error
 
-if TYPE_CHECKING:
-    import pandas as pd  # annotations only
-
-if TYPE_CHECKING:  # TensorBoard and tbparse load when a run writes or reads them: eval.py needs neither
+if TYPE_CHECKING:  # pandas (annotations only), TensorBoard and tbparse load where used: eval.py needs none
+    import pandas as pd
     from torch.utils.tensorboard import SummaryWriter
 
 # TensorBoard's tags: a scalar per epoch, and the training loss every log_every steps
