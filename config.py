@@ -207,6 +207,8 @@ def check_combinations(config: Config, origins: Origins) -> None:
          "false unless model_config.time_bias is true (query time is the time bias's query)")
     need(not mc.user_features or mc.user_embedding_dimension >= 1, "model_config.user_features", mc.user_features,
          "[] when user_embedding_dimension is 0 (the features join the user embedding)")
+    need(mc.text_output == "none" or "text" in mc.movie_features, "model_config.text_output", mc.text_output,
+         "none unless model_config.movie_features has text")
     need(mc.mode != "sequence" or tc.split == "leave_one_out", "trainer_config.split", tc.split,
          "leave_one_out in the sequence mode")
     need(tc.loss == "full" or tc.label_smoothing == 0, "trainer_config.label_smoothing", tc.label_smoothing,

@@ -36,6 +36,7 @@ from ops import attention, dropout, gelu, small_table_lookup
 MODES = ("window", "sequence")
 INITS = ("post", "normal")  # init_weights' forms
 MOVIE_FEATURES, USER_FEATURES = ("genres", "year", "text"), ("age", "sex", "occupation")
+TEXT_OUTPUTS = ("none", "init", "add")  # what a movie's text does to its output embedding
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -67,6 +68,9 @@ class MovieLensTransformerConfig:
     query_time: bool = key(False)              # the time bias reads the predicted rating's time
     movie_features: list[str] = key([], names_from(MOVIE_FEATURES))
     text_model: str = key(DEFAULT_TEXT_MODEL)  # embeds each movie's text when movie_features has text
+    # the text at the output too: init: output embeddings start as the text's principal components;
+    # add: a second learned projection of the text is added to them (movie_features has text)
+    text_output: str = key("none", one_of(TEXT_OUTPUTS))
     user_features: list[str] = key([], names_from(USER_FEATURES))
     rating_input: bool = key(False)            # each history movie's stars as an input
 
@@ -324,9 +328,16 @@ class MovieLensTransformer(nn.Module):
         if config.mode == "window":
             width *= tc.context_window_size
         self.interaction_mlp = InteractionMLP(width, config.interaction_mlp_hidden_sizes, tc.vocab_size)
+        output_size = self.interaction_mlp.net[-1].in_features
+        self.text_output = (nn.Linear(features.text.shape[1], output_size, bias=False)
+                            if config.text_output == "add" else None)
         self.apply(init_weights if config.init == "post" else init_weights_normal)
         if config.tie_output_embeddings:  # config.check_values: the last hidden size is the embedding's
             self.interaction_mlp.net[-1].weight = self.transformer.token_embedding.weight
+        if config.text_output == "init":
+            with torch.no_grad():
+                self.interaction_mlp.net[-1].weight[:-2] = text_components(features.text[:-2], output_size,
+                                                                           self.interaction_mlp.net[-1].weight[:-2].std())
 
     def _inputs(self, batch) -> Optional[torch.Tensor]:
         """What the feature switches add to each input's embedding: [R, T, d], or None."""
@@ -367,12 +378,27 @@ class MovieLensTransformer(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """[vocab, H]: logits = hidden @ output_weight.T (the movie embeddings when tied)."""
-        return self.interaction_mlp.net[-1].weight
+        """[vocab, H]: logits = hidden @ output_weight.T (the movie embeddings when tied, plus the
+        projected text with text_output add)."""
+        weight = self.interaction_mlp.net[-1].weight
+        if self.text_output is None:
+            return weight
+        return weight + self.text_output(self.movie_features.text)
 
     def forward(self, batch) -> torch.Tensor:
         """[N, vocab] logits for the movie after each predicting position of a data.Batch (see hidden)."""
-        return self.interaction_mlp.net[-1](self.hidden(batch))
+        return nn.functional.linear(self.hidden(batch), self.output_weight)
+
+
+def text_components(text: torch.Tensor, width: int, std: float) -> torch.Tensor:
+    """[movies, width]: each movie's text vector on the texts' first `width` principal directions
+    (zeros past the text's own size), scaled to std: movies whose titles read alike start with
+    alike output embeddings, at the initialisation's scale."""
+    centred = text - text.mean(0)
+    _, _, directions = torch.linalg.svd(centred, full_matrices=False)
+    scores = centred @ directions[:width].T
+    scores = scores * (std / scores.std())
+    return nn.functional.pad(scores, (0, width - scores.shape[1]))
 
 
 def _init_weights(module: nn.Module, fill) -> None:

@@ -17,7 +17,7 @@ import text
 from build import build_model
 from config import load_config
 from data import load_movielens
-from errors import run_script
+from errors import ConfigError, run_script
 from conftest import SMALL_MODEL, chunk_batch
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -91,6 +91,41 @@ def test_text_is_read_by_the_model(text_model, ml1m_dir, offline):
     model.movie_features.text[9] = -model.movie_features.text[9]
     after = model.hidden(batch)
     assert torch.equal(before[:2], after[:2]) and not torch.allclose(before[2:], after[2:])  # causal
+
+
+@pytest.mark.parametrize("how", ["init", "add"])
+def test_text_at_the_output(how, text_model, ml1m_dir, offline):
+    """init: movies of the same text start with the same output embedding, at the init's scale;
+    add: a movie's text reaches its own score, learned through a projection of its own."""
+    metadata = load_movielens(ml1m_dir, cache=False).metadata
+    metadata.titles[2], metadata.genres[2] = metadata.titles[1], metadata.genres[1]  # two movies, one text
+    config = load_config(overrides=[f"trainer_config.data_dir={ml1m_dir}", "model_config.mode=sequence",
+                                    "model_config.movie_features=[text]", f"model_config.text_model={text_model}",
+                                    f"model_config.text_output={how}", "model_config.init=normal", *SMALL_MODEL])
+    torch.manual_seed(0)
+    model = build_model(config, metadata).eval()
+    weight = model.output_weight
+    movies = weight[:metadata.num_movies]
+    if how == "init":
+        assert torch.equal(weight[1], weight[2]) and not torch.allclose(weight[1], weight[3])
+        assert movies.std().item() == pytest.approx(0.02, rel=0.1)
+        return
+    assert not torch.allclose(weight[1], weight[2])  # the text part is shared, the id's own is not
+    assert torch.allclose(weight[1] - weight[2], model.interaction_mlp.net[-1].weight[1] -
+                          model.interaction_mlp.net[-1].weight[2])
+    batch = chunk_batch(torch.tensor([[1, 5, 9, 4]]), torch.tensor([3]))
+    before = model(batch)
+    model.movie_features.text[7] = -model.movie_features.text[7]  # a movie outside the history
+    changed = (model(batch) != before).any(0)
+    assert changed.nonzero().flatten().tolist() == [7]
+    model(batch).sum().backward()
+    assert model.text_output.weight.grad.abs().sum() > 0
+
+
+def test_text_output_needs_the_text_feature():
+    with pytest.raises(ConfigError, match="model_config.text_output is 'add' .*; it must be none unless "
+                                          "model_config.movie_features has text"):
+        load_config(overrides=["model_config.text_output=add", "model_config.movie_features=[genres]"])
 
 
 def test_a_model_with_text_trains_evaluates_and_recommends(text_model, data_copy, tmp_path, capsys, offline):
