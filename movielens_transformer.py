@@ -334,7 +334,7 @@ class MovieLensTransformer(nn.Module):
         self.apply(init_weights if config.init == "post" else init_weights_normal)
         if config.tie_output_embeddings:  # config.check_values: the last hidden size is the embedding's
             self.interaction_mlp.net[-1].weight = self.transformer.token_embedding.weight
-        if config.text_output == "init":
+        if config.text_output == "init":  # SOS and EOS, the last two tokens, have no text: they keep theirs
             with torch.no_grad():
                 self.interaction_mlp.net[-1].weight[:-2] = text_components(features.text[:-2], output_size,
                                                                            self.interaction_mlp.net[-1].weight[:-2].std())
