@@ -2,8 +2,8 @@
 
 A title says what an id cannot: "Star Wars: Episode VI" sits beside "Episode V" before anyone has
 rated it, and a pretrained language model knows something of famous films. The vectors are
-computed once per data folder and model (3,883 ML-1M titles take about 17 s on a 2-core CPU) and
-kept beside the data cache, keyed by the model's name and the texts, so that training, eval and
+computed once per data folder and model (seconds for ML-1M's titles on a CPU: benchmarks/README.md)
+and kept beside the data cache, keyed by the model's name and the texts, so that training, eval and
 recommend read them back. sentence-transformers is imported only when text is asked for.
 """
 from __future__ import annotations
