@@ -328,16 +328,16 @@ class MovieLensTransformer(nn.Module):
         if config.mode == "window":
             width *= tc.context_window_size
         self.interaction_mlp = InteractionMLP(width, config.interaction_mlp_hidden_sizes, tc.vocab_size)
-        output_size = self.interaction_mlp.net[-1].in_features
-        self.text_output = (nn.Linear(features.text.shape[1], output_size, bias=False)
+        output = self.interaction_mlp.net[-1]  # its weight holds each movie's output embedding
+        self.text_output = (nn.Linear(features.text.shape[1], output.in_features, bias=False)
                             if config.text_output == "add" else None)
         self.apply(init_weights if config.init == "post" else init_weights_normal)
         if config.tie_output_embeddings:  # config.check_values: the last hidden size is the embedding's
-            self.interaction_mlp.net[-1].weight = self.transformer.token_embedding.weight
+            output.weight = self.transformer.token_embedding.weight
         if config.text_output == "init":  # SOS and EOS, the last two tokens, have no text: they keep theirs
             with torch.no_grad():
-                self.interaction_mlp.net[-1].weight[:-2] = text_components(features.text[:-2], output_size,
-                                                                           self.interaction_mlp.net[-1].weight[:-2].std())
+                movies = output.weight[:-2]
+                movies.copy_(text_components(features.text[:-2], output.in_features, movies.std()))
 
     def _inputs(self, batch) -> Optional[torch.Tensor]:
         """What the feature switches add to each input's embedding: [R, T, d], or None."""
